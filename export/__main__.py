@@ -1,0 +1,125 @@
+"""python -m export COMMAND ...
+
+  default     build (once, cached) the embedded default: the tiny seeded SDXL checkpoint, its ONNX
+              files and the python-ort model repository (used by `make run` and the tests)
+  onnx        export a checkpoint (diffusers folder or single-file .safetensors) to ONNX
+  repository  write a model repository for a target from exported ONNX files
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BUILD = ROOT / "build"
+# Files whose content decides the tiny checkpoint and its ONNX export.
+_EXPORT_SOURCES = ("export/tiny.py", "export/onnx_export.py", "export/checkpoint.py", "export/tokenizer.py",
+                   "pipeline/interfaces.py", "constraints.txt")
+
+log = logging.getLogger("export")
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    for rel in _EXPORT_SOURCES:
+        h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def export_checkpoint(checkpoint: Path, onnx_dir: Path) -> Path:
+    """ONNX files + tokenizer.json + dims.json for a checkpoint into onnx_dir."""
+    from .checkpoint import load_checkpoint, model_dims
+    from .onnx_export import export_onnx
+    from .tokenizer import sdxl_tokenizers
+
+    components = load_checkpoint(checkpoint)
+    dims = model_dims(components)
+    onnx_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=onnx_dir.parent, prefix=".onnx-"))
+    try:
+        export_onnx(components, dims, tmp)
+        tok, _ = sdxl_tokenizers(tmp / "vocab")
+        tok.save_pretrained(tmp / "tokenizer")
+        shutil.copy2(tmp / "tokenizer" / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.rmtree(tmp / "tokenizer")
+        shutil.rmtree(tmp / "vocab")
+        (tmp / "dims.json").write_text(json.dumps({"checkpoint": components.name, "dims": dims.to_json()}, indent=2))
+        if onnx_dir.exists():
+            shutil.rmtree(onnx_dir)
+        tmp.rename(onnx_dir)  # atomic: a cache hit never sees a half-written export
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return onnx_dir
+
+
+def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str) -> Path:
+    from pipeline.interfaces import LEAF_MODEL_NAMES, ModelDims
+
+    from .repository import write_repository
+
+    meta = json.loads((onnx_dir / "dims.json").read_text())
+    if repo.exists():
+        shutil.rmtree(repo)
+    return write_repository(repo, {n: onnx_dir / f"{n}.onnx" for n in LEAF_MODEL_NAMES},
+                            ModelDims.from_json(meta["dims"]), onnx_dir / "tokenizer.json",
+                            target=target, checkpoint_name=meta["checkpoint"])
+
+
+def build_default(build: Path = DEFAULT_BUILD) -> Path:
+    """The embedded default repository, rebuilding the tiny checkpoint and ONNX only when the
+    export code changed. Returns the repository path."""
+    from .tiny import save_tiny_sdxl
+
+    build.mkdir(parents=True, exist_ok=True)
+    digest = _sources_digest()
+    onnx_dir = build / "onnx" / f"tiny-sdxl-{digest}"
+    if not (onnx_dir / "dims.json").exists():
+        log.info("building the tiny SDXL checkpoint and its ONNX export (about a minute) ...")
+        checkpoint = build / "checkpoints" / f"tiny-sdxl-{digest}"
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        save_tiny_sdxl(checkpoint)
+        export_checkpoint(checkpoint, onnx_dir)
+        for old in (build / "onnx").glob("tiny-sdxl-*"):
+            if old != onnx_dir:
+                shutil.rmtree(old, ignore_errors=True)
+    repo = write_repository_from_onnx(onnx_dir, build / "model_repository", "python-ort")
+    log.info("model repository: %s", repo)
+    return repo
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("default", help="build the embedded default (cached)")
+    p.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD)
+    p = sub.add_parser("onnx", help="export a checkpoint to ONNX")
+    p.add_argument("checkpoint", type=Path, help="diffusers folder or single-file .safetensors")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("repository", help="write a model repository from exported ONNX files")
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--target", default="python-ort")
+    args = parser.parse_args(argv)
+    if args.command == "default":
+        print(build_default(args.build_dir))
+    elif args.command == "onnx":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        print(export_checkpoint(args.checkpoint, args.out))
+    elif args.command == "repository":
+        print(write_repository_from_onnx(args.onnx, args.out, args.target))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

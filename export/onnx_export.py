@@ -1,0 +1,146 @@
+"""Export SDXL components to ONNX with the tensor interfaces of `pipeline.interfaces`, using
+torch's dynamo exporter (opset 20) with dynamic batch, sequence and spatial axes."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.interfaces import (TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET, VAE_DECODER,
+                                 VAE_ENCODER, ModelDims, leaf_specs)
+
+from .checkpoint import SDXLComponents
+
+log = logging.getLogger(__name__)
+
+
+class TextEncoderL(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, output_hidden_states=True)
+        return torch.stack(out.hidden_states, dim=1)
+
+
+class TextEncoderG(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, output_hidden_states=True)
+        return torch.stack(out.hidden_states, dim=1), out.text_embeds
+
+
+class UNet(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.model(sample, timestep, encoder_hidden_states,
+                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                          return_dict=False)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.mean
+
+
+class VaeDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+def torch_modules(c: SDXLComponents) -> dict[str, torch.nn.Module]:
+    """Each leaf model as a torch module with exactly the leaf interface's inputs and outputs."""
+    return {
+        TEXT_ENCODER_L: TextEncoderL(c.text_encoder).eval(),
+        TEXT_ENCODER_G: TextEncoderG(c.text_encoder_2).eval(),
+        UNET: UNet(c.unet).eval(),
+        VAE_ENCODER: VaeEncoder(c.vae).eval(),
+        VAE_DECODER: VaeDecoder(c.vae).eval(),
+    }
+
+
+def example_inputs(name: str, dims: ModelDims, batch: int = 2, latent_hw=(16, 24), chunks: int = 2
+                   ) -> dict[str, torch.Tensor]:
+    """Inputs shaped like a real call (also used by the parity tests)."""
+    g = torch.Generator().manual_seed(1234)
+    h, w = latent_hw
+    c = dims.latent_channels
+    if name in (TEXT_ENCODER_L, TEXT_ENCODER_G):
+        ids = torch.randint(0, 49406, (batch, TOKENS_PER_CHUNK), generator=g)
+        ids[:, 0], ids[:, -1] = 49406, 49407
+        return {"input_ids": ids}
+    if name == UNET:
+        return {
+            "sample": torch.randn(batch, c, h, w, generator=g),
+            "timestep": torch.full((batch,), 500.0),
+            "encoder_hidden_states": torch.randn(batch, TOKENS_PER_CHUNK * chunks, dims.context_dim, generator=g),
+            "text_embeds": torch.randn(batch, dims.pooled_dim, generator=g),
+            "time_ids": torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * batch, dtype=torch.float32),
+        }
+    if name == VAE_ENCODER:
+        return {"image": torch.rand(batch, 3, h * dims.vae_scale_factor, w * dims.vae_scale_factor, generator=g) * 2 - 1}
+    if name == VAE_DECODER:
+        return {"latent": torch.randn(batch, c, h, w, generator=g)}
+    raise KeyError(name)
+
+
+def _dynamic_shapes(name: str, dims: ModelDims) -> dict:
+    from torch.export import Dim
+
+    multiple = int(dims.extra.get("size_multiple", 8)) // dims.vae_scale_factor  # latent multiple
+    batch = Dim("batch", min=1, max=64)
+    lh, lw = Dim("lh", min=1, max=512), Dim("lw", min=1, max=512)
+    latent = {0: batch, 2: multiple * lh, 3: multiple * lw}
+    if name in (TEXT_ENCODER_L, TEXT_ENCODER_G):
+        return {"input_ids": {0: batch}}
+    if name == UNET:
+        return {"sample": latent, "timestep": {0: batch},
+                "encoder_hidden_states": {0: batch, 1: TOKENS_PER_CHUNK * Dim("chunks", min=1, max=16)},
+                "text_embeds": {0: batch}, "time_ids": {0: batch}}
+    if name == VAE_ENCODER:
+        f = dims.vae_scale_factor * multiple
+        return {"image": {0: batch, 2: f * Dim("ih", min=1, max=512), 3: f * Dim("iw", min=1, max=512)}}
+    if name == VAE_DECODER:
+        return {"latent": latent}
+    raise KeyError(name)
+
+
+def export_onnx(c: SDXLComponents, dims: ModelDims, out_dir: Path, names=None) -> dict[str, Path]:
+    """Write `<out_dir>/<leaf>.onnx` for each leaf model; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = leaf_specs(dims)
+    modules = torch_modules(c)
+    paths = {}
+    for name in names or specs:
+        spec = specs[name]
+        inputs = example_inputs(name, dims)
+        path = out_dir / f"{name}.onnx"
+        t0 = time.time()
+        with torch.no_grad():
+            program = torch.onnx.export(
+                modules[name], tuple(inputs[t.name] for t in spec.inputs), None, dynamo=True,
+                input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                dynamic_shapes=_dynamic_shapes(name, dims), external_data=False, verbose=False,
+            )
+        weight_bytes = sum(p.numel() * p.element_size() for p in modules[name].parameters())
+        program.save(str(path), external_data=weight_bytes > 2**30)  # protobuf's 2 GB limit
+        log.info("exported %s in %.1f s (%.1f MB)", name, time.time() - t0, path.stat().st_size / 1e6)
+        paths[name] = path
+    return paths

@@ -1,0 +1,67 @@
+"""Write a Triton model repository for a target from exported ONNX files.
+
+Targets (see docs/architecture.md):
+  python-ort  the bundled CPU Triton (python backend only): each leaf is a python model that runs
+              its .onnx with ONNX Runtime. The pipeline (BLS) model is the same for every target.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.interfaces import LEAF_MODEL_NAMES, PIPELINE_SPEC, ModelDims, ModelSpec, TensorSpec, leaf_specs
+
+PROJECT_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
+TARGETS = ("python-ort",)
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "object": "TYPE_STRING"}
+
+
+def _dims(spec: TensorSpec) -> str:
+    return ", ".join(str(d) if isinstance(d, int) else "-1" for d in spec.shape)
+
+
+def _tensors(kind: str, specs) -> str:
+    body = ",\n".join(
+        f'  {{\n    name: "{t.name}"\n    data_type: {TRITON_DTYPES[t.dtype]}\n    dims: [ {_dims(t)} ]\n  }}'
+        for t in specs)
+    return f"{kind} [\n{body}\n]\n"
+
+
+def model_config(spec: ModelSpec, backend: str, instances: int = 1, decoupled: bool = False,
+                 parameters: dict | None = None) -> str:
+    """config.pbtxt text. Batching is left to the pipeline (max_batch_size 0: every axis explicit)."""
+    text = f'name: "{spec.name}"\nbackend: "{backend}"\nmax_batch_size: 0\n'
+    text += _tensors("input", spec.inputs) + _tensors("output", spec.outputs)
+    text += f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
+    if decoupled:
+        text += "model_transaction_policy {\n  decoupled: true\n}\n"
+    for key, value in (parameters or {}).items():
+        text += f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+    return text
+
+
+def write_repository(repo: Path, onnx_paths: dict[str, Path], dims: ModelDims, tokenizer_json: Path,
+                     target: str = "python-ort", checkpoint_name: str = "", max_concurrent_jobs: int = 4) -> Path:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    repo.mkdir(parents=True, exist_ok=True)
+    specs = leaf_specs(dims)
+    for name in LEAF_MODEL_NAMES:
+        version = repo / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(onnx_paths[name], version / "model.onnx")
+        shutil.copy2(PROJECT_MODELS / "python_ort_leaf" / "1" / "model.py", version / "model.py")
+        (repo / name / "config.pbtxt").write_text(model_config(specs[name], "python"))
+    version = repo / PIPELINE_SPEC.name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(PROJECT_MODELS / PIPELINE_SPEC.name / "1" / "model.py", version / "model.py")
+    shutil.copy2(tokenizer_json, version / "tokenizer.json")
+    (version / "model_info.json").write_text(json.dumps(
+        {"checkpoint": checkpoint_name, "target": target, "dims": dims.to_json()}, indent=2))
+    (repo / PIPELINE_SPEC.name / "config.pbtxt").write_text(model_config(
+        PIPELINE_SPEC, "python", decoupled=True,
+        parameters={"max_concurrent_jobs": max_concurrent_jobs}))
+    return repo

@@ -1,0 +1,1 @@
+"""The HTTP frontend: Fooocus-API's REST contract in front of Triton."""

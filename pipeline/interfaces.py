@@ -1,0 +1,132 @@
+"""The one place that defines each Triton model's tensor interface.
+
+Export (ONNX input/output names and dynamic axes), the model-repository writer (config.pbtxt)
+and the pipeline's model calls (BLS or in-process ONNX Runtime) all read these specs, so a
+name or dtype can only change here.
+
+Shapes use ints for fixed sizes and strings for dynamic axes. The first axis of every leaf
+tensor is "batch". Sizes that depend on the checkpoint (hidden widths, layer counts) come from
+`ModelDims`, which the exporter reads off the loaded modules and stores in the repository.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PIPELINE_MODEL = "fooocus_pipeline"
+TEXT_ENCODER_L = "text_encoder_l"
+TEXT_ENCODER_G = "text_encoder_g"
+UNET = "unet"
+VAE_ENCODER = "vae_encoder"
+VAE_DECODER = "vae_decoder"
+LEAF_MODEL_NAMES = (TEXT_ENCODER_L, TEXT_ENCODER_G, UNET, VAE_ENCODER, VAE_DECODER)
+
+TOKENS_PER_CHUNK = 77  # CLIP context: BOS + 75 tokens + EOS
+ADD_TIME_IDS = 6  # SDXL micro-conditioning: orig (h, w), crop (top, left), target (h, w)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int64, uint8, object (Triton BYTES)
+    shape: tuple  # ints, or strings naming dynamic axes
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Checkpoint-dependent sizes. Real SDXL: 768/1280 hidden, 12/32 layers, 4 latent channels."""
+
+    text_l_hidden: int
+    text_l_layers: int
+    text_g_hidden: int
+    text_g_layers: int
+    pooled_dim: int
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # pixels per latent cell
+    vae_scaling_factor: float = 0.13025
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def context_dim(self) -> int:
+        return self.text_l_hidden + self.text_g_hidden
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelDims":
+        return cls(**data)
+
+
+def leaf_specs(d: ModelDims) -> dict[str, ModelSpec]:
+    """Tensor interfaces of the leaf models.
+
+    Text encoders return every hidden state stacked on axis 1 (index 0 = embeddings,
+    index -k = CLIP skip k), so one export serves any clip_skip. `text_embeds` is CLIP-G's
+    projected pooled output. The UNet predicts epsilon; the VAE works on unscaled latents
+    (the pipeline applies `vae_scaling_factor`) and images in [-1, 1].
+    """
+    c = d.latent_channels
+    ids = TensorSpec("input_ids", "int64", ("batch", TOKENS_PER_CHUNK))
+    return {
+        TEXT_ENCODER_L: ModelSpec(
+            TEXT_ENCODER_L,
+            (ids,),
+            (TensorSpec("hidden_states", "float32",
+                        ("batch", d.text_l_layers + 1, TOKENS_PER_CHUNK, d.text_l_hidden)),),
+        ),
+        TEXT_ENCODER_G: ModelSpec(
+            TEXT_ENCODER_G,
+            (ids,),
+            (
+                TensorSpec("hidden_states", "float32",
+                           ("batch", d.text_g_layers + 1, TOKENS_PER_CHUNK, d.text_g_hidden)),
+                TensorSpec("text_embeds", "float32", ("batch", d.pooled_dim)),
+            ),
+        ),
+        UNET: ModelSpec(
+            UNET,
+            (
+                TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", d.context_dim)),
+                TensorSpec("text_embeds", "float32", ("batch", d.pooled_dim)),
+                TensorSpec("time_ids", "float32", ("batch", ADD_TIME_IDS)),
+            ),
+            (TensorSpec("noise_pred", "float32", ("batch", c, "latent_height", "latent_width")),),
+        ),
+        VAE_ENCODER: ModelSpec(
+            VAE_ENCODER,
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+            (TensorSpec("latent", "float32", ("batch", c, "latent_height", "latent_width")),),
+        ),
+        VAE_DECODER: ModelSpec(
+            VAE_DECODER,
+            (TensorSpec("latent", "float32", ("batch", c, "latent_height", "latent_width")),),
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+        ),
+    }
+
+
+# The decoupled pipeline model: one JSON task in, a stream of JSON events out. A result event
+# carries the finished image as HxWx3 uint8; progress events may carry a small preview.
+PIPELINE_SPEC = ModelSpec(
+    PIPELINE_MODEL,
+    (TensorSpec("task", "object", (1,)),),
+    (
+        TensorSpec("event", "object", (1,)),
+        TensorSpec("image", "uint8", ("height", "width", 3)),
+    ),
+)

@@ -1,0 +1,103 @@
+"""The generation task the pipeline receives: the request's fields, by their Fooocus-API names,
+with Fooocus's defaults and the performance preset resolved into concrete sampling settings."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from . import presets
+from .errors import UnsupportedFeature
+
+
+def resolve_seed(seed: int | str | None, rng: random.Random | None = None) -> int:
+    """Fooocus: -1, any negative value or a value above 2**63-1 means a random seed in [0, 2**63-1]."""
+    s = -1 if seed is None or seed == "" else int(seed)
+    if s < 0 or s >= presets.SEED_MODULUS:
+        s = (rng or random.SystemRandom()).randint(0, presets.SEED_MODULUS - 1)
+    return s
+
+
+def parse_aspect_ratio(value: str) -> tuple[int, int]:
+    """'W*H' (ASCII star, width first) -> (width, height)."""
+    try:
+        w, h = (int(v) for v in value.replace("×", "*").split("*"))
+    except ValueError:
+        raise ValueError(f"aspect_ratios_selection must look like '1152*896', got {value!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"aspect_ratios_selection must be positive, got {value!r}")
+    return w, h
+
+
+@dataclass
+class GenerationTask:
+    prompt: str = ""
+    negative_prompt: str = ""
+    performance_selection: str = presets.DEFAULT_PERFORMANCE
+    aspect_ratios_selection: str = presets.DEFAULT_ASPECT_RATIO
+    image_number: int = 1
+    image_seed: int = -1
+    guidance_scale: float = presets.DEFAULT_GUIDANCE_SCALE
+    sharpness: float = presets.DEFAULT_SHARPNESS
+    advanced_params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationTask":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and data[k] is not None}
+        return cls(**known)
+
+    # Resolved settings (Fooocus's apply_overrides and performance restrictions).
+
+    @property
+    def performance(self) -> presets.Performance:
+        return presets.PERFORMANCES[self.performance_selection]
+
+    def adv(self, key: str, default):
+        value = self.advanced_params.get(key, default)
+        return default if value is None else value
+
+    @property
+    def steps(self) -> int:
+        overwrite = int(self.adv("overwrite_step", -1))
+        return overwrite if overwrite > 0 else self.performance.steps
+
+    @property
+    def size(self) -> tuple[int, int]:
+        width, height = parse_aspect_ratio(self.aspect_ratios_selection)
+        ow, oh = int(self.adv("overwrite_width", -1)), int(self.adv("overwrite_height", -1))
+        return (ow if ow > 0 else width, oh if oh > 0 else height)
+
+    @property
+    def sampler(self) -> str:
+        name = self.performance.sampler or self.adv("sampler_name", presets.DEFAULT_SAMPLER)
+        return name if name in presets.SAMPLER_NAMES else presets.DEFAULT_SAMPLER
+
+    @property
+    def scheduler(self) -> str:
+        name = self.performance.scheduler or self.adv("scheduler_name", presets.DEFAULT_SCHEDULER)
+        return name if name in presets.SCHEDULER_NAMES else presets.DEFAULT_SCHEDULER
+
+    @property
+    def cfg(self) -> float:
+        p = self.performance.guidance_scale
+        return float(self.guidance_scale if p is None else p)
+
+    @property
+    def clip_skip(self) -> int:
+        return int(self.adv("clip_skip", presets.DEFAULT_CLIP_SKIP))
+
+    def image_seeds(self) -> list[int]:
+        seed = resolve_seed(self.image_seed)
+        if self.adv("disable_seed_increment", False):
+            return [seed] * self.image_number
+        return [(seed + i) % presets.SEED_MODULUS for i in range(self.image_number)]
+
+    def validate(self) -> None:
+        if self.performance_selection not in presets.PERFORMANCES:
+            raise ValueError(f"unknown performance_selection {self.performance_selection!r}")
+        width, height = self.size
+        if width % 16 or height % 16:
+            raise ValueError(f"width and height must be multiples of 16, got {width}*{height}")
+        if self.performance.lora is not None:
+            raise UnsupportedFeature(
+                f"performance '{self.performance_selection}' needs its LoRA "
+                f"({self.performance.lora[0]}); LoRAs are not supported by this server yet")
