@@ -35,6 +35,24 @@ def pytriton_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def _install(src: Path, dst: Path) -> None:
+    """Copy unless identical; replace by rename so a binary that a running server uses stays valid."""
+    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes():
+        return
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _die_with_parent() -> None:
+    """In the child: ask the kernel to SIGTERM the server if the launching thread dies, so a
+    crashed or killed frontend never leaves an orphaned Triton holding the ports."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class TritonLauncher:
     model_repository: Path
@@ -74,13 +92,13 @@ class TritonLauncher:
         root = pytriton_dir() / "tritonserver"
         backend = self.work_dir / "backends" / "python"
         backend.mkdir(parents=True, exist_ok=True)
-        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-            shutil.copy2(root / "backends" / "python" / name, backend / name)
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not stub.exists():
             raise RuntimeError(f"the bundled Triton has no python backend stub for Python {version}")
-        shutil.copy2(stub, backend / "triton_python_backend_stub")
+        for src in (root / "backends" / "python" / "libtriton_python.so",
+                    root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+            _install(src, backend / src.name)
         return backend.parent
 
     def _command(self) -> list[str]:
@@ -118,7 +136,8 @@ class TritonLauncher:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log_handle = open(self.log_file, "ab")
         self._proc = subprocess.Popen(self._command(), env=self._env(), stdout=log_handle,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         log_handle.close()
         log.info("tritonserver started (pid %d), log: %s", self._proc.pid, self.log_file)
 

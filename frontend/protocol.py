@@ -1,0 +1,147 @@
+"""Wire models of Fooocus-API (v0.5.0.1), field by field. Defaults come from `pipeline.presets`.
+
+Nothing here but the external API's shapes: no logic, no extra fields. Unknown request fields are
+ignored (Fooocus-API's behaviour), `Lora.enabled` defaults to true (older clients omit it)."""
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import presets
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+PerformanceSelection = Enum("PerformanceSelection", {n.replace(" ", "_").replace("-", "_"): n
+                                                     for n in presets.PERFORMANCE_NAMES}, type=str)
+
+
+class Lora(Request):
+    enabled: bool = True
+    model_name: str
+    weight: float = Field(default=0.5, ge=-2, le=2)
+
+
+class AdvancedParams(Request):
+    disable_preview: bool = False
+    disable_intermediate_results: bool = False
+    disable_seed_increment: bool = False
+    adm_scaler_positive: float = Field(1.5, ge=0.1, le=3.0)
+    adm_scaler_negative: float = Field(0.8, ge=0.1, le=3.0)
+    adm_scaler_end: float = Field(0.3, ge=0.0, le=1.0)
+    adaptive_cfg: float = Field(presets.DEFAULT_ADAPTIVE_CFG, ge=1.0, le=30.0)
+    clip_skip: int = Field(presets.DEFAULT_CLIP_SKIP, ge=1, le=12)
+    sampler_name: str = presets.DEFAULT_SAMPLER
+    scheduler_name: str = presets.DEFAULT_SCHEDULER
+    overwrite_step: int = Field(-1, ge=-1, le=200)
+    overwrite_switch: float = Field(-1, ge=-1, le=1)
+    overwrite_width: int = Field(-1, ge=-1, le=2048)
+    overwrite_height: int = Field(-1, ge=-1, le=2048)
+    overwrite_vary_strength: float = Field(-1, ge=-1, le=1.0)
+    overwrite_upscale_strength: float = Field(-1, ge=-1, le=1.0)
+    mixing_image_prompt_and_vary_upscale: bool = False
+    mixing_image_prompt_and_inpaint: bool = False
+    debugging_cn_preprocessor: bool = False
+    skipping_cn_preprocessor: bool = False
+    canny_low_threshold: int = Field(64, ge=1, le=255)
+    canny_high_threshold: int = Field(128, ge=1, le=255)
+    refiner_swap_method: str = "joint"
+    controlnet_softness: float = Field(0.25, ge=0.0, le=1.0)
+    freeu_enabled: bool = False
+    freeu_b1: float = 1.01
+    freeu_b2: float = 1.02
+    freeu_s1: float = 0.99
+    freeu_s2: float = 0.95
+    debugging_inpaint_preprocessor: bool = False
+    inpaint_disable_initial_latent: bool = False
+    inpaint_engine: str = "v2.6"
+    inpaint_strength: float = Field(1.0, ge=0.0, le=1.0)
+    inpaint_respective_field: float = Field(1.0, ge=0.0, le=1.0)
+    inpaint_advanced_masking_checkbox: bool = True
+    invert_mask_checkbox: bool = False
+    inpaint_erode_or_dilate: int = Field(0, ge=-64, le=64)
+    black_out_nsfw: bool = False
+    vae_name: str = "Default (model)"
+    debugging_dino: bool = False
+    dino_erode_or_dilate: int = Field(0, ge=-64, le=64)
+    debugging_enhance_masks_checkbox: bool = False
+
+
+def default_loras() -> list[Lora]:
+    return [Lora(enabled=True, model_name=name, weight=weight) for name, weight in presets.DEFAULT_LORAS]
+
+
+class CommonRequest(Request):
+    """The JSON body of /v1/generation/text-to-image; every v2 request extends it."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    style_selections: list[str] = Field(default_factory=lambda: list(presets.STYLE_DEFAULTS))
+    performance_selection: PerformanceSelection = PerformanceSelection(presets.DEFAULT_PERFORMANCE)
+    aspect_ratios_selection: str = presets.DEFAULT_ASPECT_RATIO
+    image_number: int = Field(1, ge=1, le=presets.MAX_IMAGE_NUMBER)
+    image_seed: int = -1
+    sharpness: float = Field(presets.DEFAULT_SHARPNESS, ge=0.0, le=30.0)
+    guidance_scale: float = Field(presets.DEFAULT_GUIDANCE_SCALE, ge=1.0, le=30.0)
+    base_model_name: str = presets.DEFAULT_BASE_MODEL
+    refiner_model_name: str = "None"
+    refiner_switch: float = Field(presets.DEFAULT_REFINER_SWITCH, ge=0.1, le=1.0)
+    loras: list[Lora] = Field(default_factory=default_loras)
+    advanced_params: AdvancedParams = Field(default_factory=AdvancedParams)
+    save_meta: bool = True
+    meta_scheme: str = "fooocus"
+    save_extension: str = "png"
+    save_name: str = ""
+    read_wildcards_in_order: bool = False
+    require_base64: bool = False
+    async_process: bool = False
+    webhook_url: str | None = ""
+
+
+class TaskType(str, Enum):
+    text_2_img = "Text to Image"
+    img_uov = "Image Upscale or Variation"
+    img_inpaint_outpaint = "Image Inpaint or Outpaint"
+    img_prompt = "Image Prompt"
+    img_enhance = "Image Enhancement"
+    not_found = "Not Found"
+
+
+class AsyncJobStage(str, Enum):
+    waiting = "WAITING"
+    running = "RUNNING"
+    success = "SUCCESS"
+    error = "ERROR"
+
+
+class GenerationFinishReason(str, Enum):
+    success = "SUCCESS"
+    queue_is_full = "QUEUE_IS_FULL"
+    user_cancel = "USER_CANCEL"
+    error = "ERROR"
+
+
+class GeneratedImageResult(BaseModel):
+    base64: str | None = None
+    url: str | None = None
+    seed: str
+    finish_reason: GenerationFinishReason
+
+
+class AsyncJobResponse(BaseModel):
+    job_id: str
+    job_type: TaskType
+    job_stage: AsyncJobStage
+    job_progress: int
+    job_status: str | None = None
+    job_step_preview: str | None = None
+    job_result: list[GeneratedImageResult] | None = None
+
+
+class JobQueueInfo(BaseModel):
+    running_size: int
+    finished_size: int
+    last_job_id: str | None = None
