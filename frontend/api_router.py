@@ -45,6 +45,15 @@ async def text_to_image(req: CommonRequest, request: Request):
     return job.error_results(job.finish_reason)
 
 
+@router.post("/v1/generation/stop", summary="Stop the running job(s)")
+async def stop(request: Request):
+    jobs = manager(request)
+    for job in jobs.unfinished():
+        if job.stage == AsyncJobStage.running:
+            jobs.cancel(job.job_id)
+    return {"msg": "success"}
+
+
 NOT_FOUND = {"job_id": "", "job_type": TaskType.not_found.value, "job_stage": AsyncJobStage.error.value,
              "job_progress": 0, "job_status": "Job not found", "job_step_preview": None, "job_result": None}
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -76,6 +77,9 @@ class TritonPipelineClient:
             raise TritonJobError("the pipeline's response stream ended without a final response")
         except InferenceServerException as exc:
             raise TritonJobError(f"Triton Inference Server: {_message(exc)}") from exc
+        except grpc.RpcError as exc:  # the stream broke: Triton died or the connection dropped
+            raise TritonJobError(f"lost the connection to Triton Inference Server "
+                                 f"({exc.code().name}: {exc.details()})") from exc
         finally:
             done.set()
 

@@ -1,0 +1,108 @@
+"""Shared fixtures: the embedded default model repository (built once, cached in build/), one
+Triton server per test session, and the frontend served by uvicorn on a free loopback port."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_repository() -> Path:
+    from export.__main__ import build_default
+
+    return build_default()
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(model_repository) -> Path:
+    info = json.loads((model_repository / "fooocus_pipeline" / "1" / "model_info.json").read_text())
+    dirs = sorted((ROOT / "build" / "onnx").glob("tiny-sdxl-*"))
+    assert dirs and info["dims"], "build_default() writes build/onnx/tiny-sdxl-<digest>"
+    return dirs[-1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(onnx_dir) -> Path:
+    return ROOT / "build" / "checkpoints" / onnx_dir.name
+
+
+def start_triton(model_repository: Path, work_dir: Path, restart: bool = True):
+    from frontend.triton_launcher import TritonLauncher
+
+    return TritonLauncher(model_repository, work_dir, http_port=free_port(), grpc_port=free_port(),
+                          metrics_port=free_port(), restart=restart).start()
+
+
+@pytest.fixture(scope="session")
+def triton(model_repository, tmp_path_factory):
+    launcher = start_triton(model_repository, tmp_path_factory.mktemp("triton"))
+    yield launcher
+    launcher.stop()
+
+
+class ServedFrontend:
+    """The frontend app under a real uvicorn server in a background thread."""
+
+    def __init__(self, triton_url: str, output_dir: Path, concurrency: int = 2):
+        import uvicorn
+
+        from frontend.app import Settings, create_app
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.output_dir = output_dir
+        self.app = create_app(Settings(triton_url=triton_url, base_url=self.base_url, output_dir=output_dir,
+                                       concurrency=concurrency, triton_ready_timeout_s=120))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServedFrontend":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("frontend did not start")
+            time.sleep(0.05)
+        self.client = httpx.Client(base_url=self.base_url, timeout=300)
+        return self
+
+    def __exit__(self, *exc):
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def wait_job(self, job_id: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.client.get("/v1/generation/query-job", params={"job_id": job_id}).json()
+            if body["job_stage"] in ("SUCCESS", "ERROR"):
+                return body
+            time.sleep(0.1)
+        raise TimeoutError(f"job {job_id} did not finish")
+
+
+@pytest.fixture(scope="session")
+def served(triton, tmp_path_factory):
+    with ServedFrontend(triton.grpc_url, tmp_path_factory.mktemp("outputs")) as frontend:
+        yield frontend
+
+
+@contextlib.contextmanager
+def served_frontend(triton_url: str, output_dir: Path, concurrency: int = 2):
+    with ServedFrontend(triton_url, output_dir, concurrency) as frontend:
+        yield frontend
