@@ -47,7 +47,7 @@ class Pipeline:
     def run(self, task: GenerationTask, emit: Emit, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         """Generate every image of the task. Emits progress events and, per image, a result event
         with the HxWx3 uint8 image. Raises Cancelled, UnsupportedFeature or ValueError."""
-        task.validate()
+        task.validate(int(self.dims.extra.get("size_multiple", self.dims.vae_scale_factor)))
         sampler = SAMPLERS.get(task.sampler)
         if sampler is None:
             raise UnsupportedFeature(f"sampler '{task.sampler}' is not supported by this server yet")

@@ -91,12 +91,14 @@ class GenerationTask:
             return [seed] * self.image_number
         return [(seed + i) % presets.SEED_MODULUS for i in range(self.image_number)]
 
-    def validate(self) -> None:
+    def validate(self, size_multiple: int = 8) -> None:
+        """size_multiple: the model's pixel granularity (VAE factor x UNet downsampling: 32 for SDXL)."""
         if self.performance_selection not in presets.PERFORMANCES:
             raise ValueError(f"unknown performance_selection {self.performance_selection!r}")
         width, height = self.size
-        if width % 16 or height % 16:
-            raise ValueError(f"width and height must be multiples of 16, got {width}*{height}")
+        if width % size_multiple or height % size_multiple:
+            raise ValueError(f"width and height must be multiples of {size_multiple} for this model, "
+                             f"got {width}*{height}")
         if self.performance.lora is not None:
             raise UnsupportedFeature(
                 f"performance '{self.performance_selection}' needs its LoRA "

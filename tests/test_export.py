@@ -1,0 +1,96 @@
+"""The exporter: shipped SDXL configs, the offline CLIP tokenizer, and the written repository."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export.checkpoint import CONFIG_DIR
+from export.repository import TRITON_DTYPES
+from pipeline.interfaces import LEAF_MODEL_NAMES, PIPELINE_SPEC, ModelDims, leaf_specs
+
+
+def test_shipped_sdxl_configs_build_sdxl_sized_modules():
+    """The configs used for single-file checkpoints instantiate SDXL base 1.0's exact architectures
+    (parameter counts of the published checkpoint's components)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def load(sub):
+        return json.loads((CONFIG_DIR / sub / "config.json").read_text())
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(load("unet"))
+        vae = AutoencoderKL.from_config(load("vae"))
+        te1 = CLIPTextModel(CLIPTextConfig(**load("text_encoder")))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**load("text_encoder_2")))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, te1, te2)]
+    assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
+
+
+def test_clip_tokenizer_built_offline_gives_the_real_ids(onnx_dir):
+    from pipeline.text import ClipTokenizer
+
+    tok = ClipTokenizer(onnx_dir / "tokenizer.json")
+    assert tok.ids("a photo of an astronaut riding a horse") == [320, 1125, 539, 550, 18376, 6765, 320, 4558]
+    ids_l, ids_g = tok.chunks("A  Photo of an astronaut")
+    assert ids_l.shape == ids_g.shape == (1, 77)
+    assert list(ids_l[0, :7]) == [49406, 320, 1125, 539, 550, 18376, 49407]
+    assert set(ids_l[0, 7:]) == {49407} and set(ids_g[0, 7:]) == {0}
+
+
+def test_long_prompts_are_encoded_in_75_token_chunks(onnx_dir):
+    from pipeline.text import ClipTokenizer
+
+    tok = ClipTokenizer(onnx_dir / "tokenizer.json")
+    ids_l, _ = tok.chunks(" ".join(["cat"] * 160))
+    assert ids_l.shape == (3, 77)
+    assert (ids_l[:, 0] == 49406).all() and list(ids_l[2, 1:12]) == [2368] * 10 + [49407]
+
+
+@pytest.fixture(scope="module")
+def repo_dims(model_repository):
+    info = json.loads((model_repository / PIPELINE_SPEC.name / "1" / "model_info.json").read_text())
+    return ModelDims.from_json(info["dims"])
+
+
+def parse_config(path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_tiny_dims_read_off_the_checkpoint(repo_dims):
+    assert (repo_dims.text_l_hidden, repo_dims.text_g_hidden, repo_dims.pooled_dim) == (32, 32, 32)
+    assert repo_dims.vae_scaling_factor == pytest.approx(0.13025) and repo_dims.vae_scale_factor == 8
+    assert repo_dims.extra["size_multiple"] == 32
+
+
+@pytest.mark.parametrize("name", LEAF_MODEL_NAMES)
+def test_leaf_config_and_onnx_agree_with_the_interface(name, model_repository, repo_dims):
+    spec = leaf_specs(repo_dims)[name]
+    config = parse_config(model_repository / name / "config.pbtxt")
+    assert config.name == name and config.backend == "python"
+    onnx_model = onnx.load(str(model_repository / name / "1" / "model.onnx"), load_external_data=False)
+    onnx_inputs = {i.name: i for i in onnx_model.graph.input}
+    onnx_outputs = {o.name: o for o in onnx_model.graph.output}
+    for tensors, onnx_tensors, specs in ((config.input, onnx_inputs, spec.inputs),
+                                         (config.output, onnx_outputs, spec.outputs)):
+        assert [t.name for t in tensors] == [t.name for t in specs] == list(onnx_tensors)
+        for cfg, want in zip(tensors, specs):
+            assert model_config_pb2.DataType.Name(cfg.data_type) == TRITON_DTYPES[want.dtype]
+            onnx_dims = onnx_tensors[cfg.name].type.tensor_type.shape.dim
+            assert len(cfg.dims) == len(want.shape) == len(onnx_dims)
+            for c, w, o in zip(cfg.dims, want.shape, onnx_dims):
+                if isinstance(w, int):
+                    assert c == w == o.dim_value
+                else:  # dynamic axis: -1 in Triton, symbolic in ONNX
+                    assert c == -1 and o.dim_param and not o.dim_value
+
+
+def test_pipeline_config_is_decoupled(model_repository):
+    config = parse_config(model_repository / PIPELINE_SPEC.name / "config.pbtxt")
+    assert config.model_transaction_policy.decoupled
+    assert [t.name for t in config.input] == ["task"] and [t.name for t in config.output] == ["event", "image"]
