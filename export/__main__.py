@@ -90,9 +90,24 @@ def build_default(build: Path = DEFAULT_BUILD) -> Path:
         for old in (build / "onnx").glob("tiny-sdxl-*"):
             if old != onnx_dir:
                 shutil.rmtree(old, ignore_errors=True)
-    repo = write_repository_from_onnx(onnx_dir, build / "model_repository", "python-ort")
+    repo = build / "model_repository"
+    stamp = _repository_digest(onnx_dir)
+    stamp_file = build / "model_repository.stamp"
+    if not stamp_file.exists() or stamp_file.read_text() != stamp or not repo.exists():
+        write_repository_from_onnx(onnx_dir, repo, "python-ort")
+        stamp_file.write_text(stamp)
     log.info("model repository: %s", repo)
     return repo
+
+
+def _repository_digest(onnx_dir: Path) -> str:
+    """What the written repository depends on besides the ONNX files: a repository in use by a
+    running Triton is only rewritten when one of these changed."""
+    h = hashlib.sha256(onnx_dir.name.encode())
+    for path in sorted([*(ROOT / "model_repository").rglob("*.py"), ROOT / "export" / "repository.py",
+                        ROOT / "export" / "__main__.py"]):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def main(argv=None) -> int:

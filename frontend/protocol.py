@@ -145,3 +145,200 @@ class JobQueueInfo(BaseModel):
     running_size: int
     finished_size: int
     last_job_id: str | None = None
+
+
+# --- image tasks -------------------------------------------------------------------------------
+
+class UpscaleOrVaryMethod(str, Enum):
+    disabled = "Disabled"
+    subtle_variation = "Vary (Subtle)"
+    strong_variation = "Vary (Strong)"
+    upscale_15 = "Upscale (1.5x)"
+    upscale_2 = "Upscale (2x)"
+    upscale_fast = "Upscale (Fast 2x)"
+    upscale_custom = "Upscale (Custom)"
+
+
+class OutpaintExpansion(str, Enum):
+    left = "Left"
+    right = "Right"
+    top = "Top"
+    bottom = "Bottom"
+
+
+class ControlNetType(str, Enum):
+    cn_ip = "ImagePrompt"
+    cn_ip_face = "FaceSwap"
+    cn_canny = "PyraCanny"
+    cn_cpds = "CPDS"
+
+
+class DescribeImageType(str, Enum):
+    photo = "Photo"
+    anime = "Anime"
+
+
+class ImagePromptJson(Request):
+    cn_img: str | None = None
+    cn_stop: float | None = Field(0, ge=0, le=1)
+    cn_weight: float | None = Field(0, ge=0, le=2)
+    cn_type: ControlNetType = ControlNetType.cn_ip
+
+
+class Text2ImgRequestWithPrompt(CommonRequest):
+    image_prompts: list[ImagePromptJson] = Field(default_factory=list)
+
+
+class ImgUpscaleOrVaryRequestJson(CommonRequest):
+    input_image: str
+    uov_method: UpscaleOrVaryMethod = UpscaleOrVaryMethod.upscale_2
+    upscale_value: float | None = Field(1.0, ge=1.0, le=5.0)
+    image_prompts: list[ImagePromptJson] = Field(default_factory=list)
+
+
+class ImgInpaintOrOutpaintRequestJson(CommonRequest):
+    input_image: str = ""
+    input_mask: str | None = ""
+    inpaint_additional_prompt: str | None = ""
+    outpaint_selections: list[OutpaintExpansion] = Field(default_factory=list)
+    outpaint_distance_left: int | None = -1
+    outpaint_distance_right: int | None = -1
+    outpaint_distance_top: int | None = -1
+    outpaint_distance_bottom: int | None = -1
+    image_prompts: list[ImagePromptJson] = Field(default_factory=list)
+
+
+class ImgPromptRequestJson(ImgInpaintOrOutpaintRequestJson):
+    input_image: str | None = None
+    image_prompts: list[ImagePromptJson]
+
+
+class EnhanceCtrlNets(Request):
+    enhance_enabled: bool = False
+    enhance_mask_dino_prompt: str = "face"
+    enhance_prompt: str = ""
+    enhance_negative_prompt: str = ""
+    enhance_mask_model: str = "sam"
+    enhance_mask_cloth_category: str = "full"
+    enhance_mask_sam_model: str = "vit_b"
+    enhance_mask_text_threshold: float = Field(0.25, ge=0, le=1)
+    enhance_mask_box_threshold: float = Field(0.3, ge=0, le=1)
+    enhance_mask_sam_max_detections: int = Field(0, ge=0, le=10)
+    enhance_inpaint_disable_initial_latent: bool = False
+    enhance_inpaint_engine: str = "v2.6"
+    enhance_inpaint_strength: float = Field(1, ge=0, le=1)
+    enhance_inpaint_respective_field: float = Field(0.618, ge=0, le=1)
+    enhance_inpaint_erode_or_dilate: float = Field(0, ge=-64, le=64)
+    enhance_mask_invert: bool = False
+
+
+class ImageEnhanceRequestJson(CommonRequest):
+    enhance_input_image: str = ""
+    enhance_checkbox: bool = True
+    enhance_uov_method: UpscaleOrVaryMethod = UpscaleOrVaryMethod.strong_variation
+    enhance_uov_processing_order: str = "Before First Enhancement"
+    enhance_uov_prompt_type: str = "Original Prompts"
+    save_final_enhanced_image_only: bool = True
+    enhance_ctrlnets: list[EnhanceCtrlNets]
+
+
+class GenerateMaskRequest(Request):
+    image: str
+    mask_model: str = "isnet-general-use"
+    cloth_category: str = "full"
+    dino_prompt_text: str = ""
+    sam_model: str = "vit_b"
+    box_threshold: float = Field(0.3, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    sam_max_detections: int = Field(0, ge=0, le=10)
+    dino_erode_or_dilate: float = Field(0, ge=-64, le=64)
+    dino_debug: bool = False
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+class JobHistoryInfo(BaseModel):
+    job_id: str
+    in_queue_mills: int
+    start_mills: int
+    finish_mills: int
+    is_finished: bool = False
+
+
+class JobHistoryResponse(BaseModel):
+    queue: list[JobHistoryInfo] = Field(default_factory=list)
+    history: list[JobHistoryInfo] = Field(default_factory=list)
+
+
+class AllModelsResponse(BaseModel):
+    model_filenames: list[str]
+    lora_filenames: list[str]
+
+
+class StopResponse(BaseModel):
+    msg: str
+
+
+class DescribeImageResponse(BaseModel):
+    describe: str
+
+
+# --- v1 multipart forms (the same fields as form values; files are separate parts) ------------
+
+class CommonRequestForm(CommonRequest):
+    save_meta: bool = False  # v1 forms default to false, JSON to true
+
+
+class ImgUpscaleOrVaryForm(CommonRequestForm):
+    uov_method: UpscaleOrVaryMethod
+    upscale_value: float | None = Field(None, ge=1.0, le=5.0)
+
+
+class ImgInpaintOrOutpaintForm(CommonRequestForm):
+    inpaint_additional_prompt: str | None = ""
+    outpaint_selections: list[OutpaintExpansion] = Field(default_factory=list)
+    outpaint_distance_left: int = 0
+    outpaint_distance_right: int = 0
+    outpaint_distance_top: int = 0
+    outpaint_distance_bottom: int = 0
+
+
+class ImgPromptForm(ImgInpaintOrOutpaintForm):
+    cn_stop1: float | None = Field(None, ge=0, le=1)
+    cn_weight1: float | None = Field(None, ge=0, le=2)
+    cn_type1: ControlNetType = ControlNetType.cn_ip
+    cn_stop2: float | None = Field(None, ge=0, le=1)
+    cn_weight2: float | None = Field(None, ge=0, le=2)
+    cn_type2: ControlNetType = ControlNetType.cn_ip
+    cn_stop3: float | None = Field(None, ge=0, le=1)
+    cn_weight3: float | None = Field(None, ge=0, le=2)
+    cn_type3: ControlNetType = ControlNetType.cn_ip
+    cn_stop4: float | None = Field(None, ge=0, le=1)
+    cn_weight4: float | None = Field(None, ge=0, le=2)
+    cn_type4: ControlNetType = ControlNetType.cn_ip
+
+
+def _enhance_form_fields() -> dict:
+    fields = {}
+    for n in (1, 2, 3):
+        for name, f in EnhanceCtrlNets.model_fields.items():
+            default = "" if name == "enhance_mask_dino_prompt" else f.default
+            fields[f"{name}_{n}"] = (f.annotation, Field(default, **{k: v for m in f.metadata
+                                                                     for k, v in _bounds(m).items()}))
+    return fields
+
+
+def _bounds(meta) -> dict:
+    return {k: getattr(meta, k) for k in ("ge", "le") if getattr(meta, k, None) is not None}
+
+
+class _ImageEnhanceFormBase(CommonRequestForm):
+    enhance_checkbox: bool = True
+    enhance_uov_method: UpscaleOrVaryMethod = UpscaleOrVaryMethod.strong_variation
+    enhance_uov_processing_order: str = "Before First Enhancement"
+    enhance_uov_prompt_type: str = "Original Prompts"
+
+
+from pydantic import create_model  # noqa: E402  (the flattened enhance_*_N fields are generated)
+
+ImageEnhanceForm = create_model("ImageEnhanceForm", __base__=_ImageEnhanceFormBase, **_enhance_form_fields())

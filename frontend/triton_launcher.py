@@ -44,6 +44,14 @@ def _install(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a server's process group (it runs in a session of its own)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _die_with_parent() -> None:
     """In the child: ask the kernel to SIGTERM the server if the launching thread dies, so a
     crashed or killed frontend never leaves an orphaned Triton holding the ports."""
@@ -169,6 +177,8 @@ class TritonLauncher:
             if self._stopping.is_set():
                 return
             log.error("tritonserver (pid %s) exited with %s; restarting", proc.pid if proc else None, code)
+            if proc is not None:
+                _kill_group(proc.pid)  # python backend stubs that outlived their server
             self.restarts += 1
             time.sleep(0.5)  # let the kernel release the ports
             with self._lock:
@@ -194,6 +204,7 @@ class TritonLauncher:
             log.warning("tritonserver did not stop in time; killing it")
             proc.kill()
             proc.wait()
+        _kill_group(proc.pid)
         log.info("tritonserver stopped")
 
     def __enter__(self):

@@ -91,8 +91,8 @@ class Pipeline:
 
             latent = sampler(denoise, x, sigmas, callback=on_step, noise_sampler=noise_sampler)
             image = self.decode(latent)
-            emit({"type": "result", "image_index": index, "seed": str(seed),
-                  "width": width, "height": height}, image)
+            emit({"type": "result", "image_index": index, "seed": str(seed), "width": width, "height": height,
+                  "steps": steps, "sampler": task.sampler, "scheduler": task.scheduler}, image)
 
     def _denoiser(self, cond, uncond, pooled, pooled_neg, time_ids, cfg: float):
         """D(x, sigma) with classifier-free guidance in epsilon space (one UNet call, batch 2)."""

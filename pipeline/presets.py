@@ -66,3 +66,31 @@ PERFORMANCES = {
     )
 }
 PERFORMANCE_NAMES = tuple(PERFORMANCES)
+
+
+# Fooocus's presets (presets/*.json): request defaults that differ from the default preset.
+# Applied by the frontend to fields the client did not send.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "anime": {"base_model_name": "animaPencilXL_v500.safetensors", "guidance_scale": 6.0,
+              "style_selections": ["Fooocus V2", "Fooocus Semi Realistic", "Fooocus Masterpiece"],
+              "aspect_ratios_selection": "896*1152"},
+    "realistic": {"base_model_name": "realisticStockPhoto_v20.safetensors", "guidance_scale": 3.0,
+                  "style_selections": ["Fooocus V2", "Fooocus Photograph", "Fooocus Negative"],
+                  "aspect_ratios_selection": "896*1152",
+                  "loras": [{"enabled": True, "model_name": "SDXL_FILM_PHOTOGRAPHY_STYLE_V1.safetensors",
+                             "weight": 0.25}],
+                  "negative_prompt": "unrealistic, saturated, high contrast, big nose, painting, drawing, "
+                                     "sketch, cartoon, anime, manga, render, CG, 3d, watermark, signature, label"},
+    "sai": {"base_model_name": "sd_xl_base_1.0_0.9vae.safetensors",
+            "refiner_model_name": "sd_xl_refiner_1.0_0.9vae.safetensors", "refiner_switch": 0.75,
+            "loras": [{"enabled": True, "model_name": "sd_xl_offset_example-lora_1.0.safetensors", "weight": 0.5}],
+            "guidance_scale": 7.0, "style_selections": ["Fooocus V2", "Fooocus Cinematic"]},
+    "lcm": {"performance_selection": "Extreme Speed"},
+    "lightning": {"performance_selection": "Lightning"},
+    "playground_v2.5": {"base_model_name": "playground-v2.5-1024px-aesthetic.fp16.safetensors",
+                        "guidance_scale": 2.0, "style_selections": ["Fooocus V2"],
+                        "aspect_ratios_selection": "1024*1024"},
+    "pony_v6": {"base_model_name": "ponyDiffusionV6XL.safetensors", "guidance_scale": 7.0,
+                "style_selections": ["Fooocus Pony"], "aspect_ratios_selection": "896*1152"},
+}

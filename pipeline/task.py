@@ -28,6 +28,14 @@ def parse_aspect_ratio(value: str) -> tuple[int, int]:
     return w, h
 
 
+GOAL_LABELS = {
+    "enhance": "Image enhancement",
+    "image_prompt": "Image prompt (IP-Adapter / ControlNet)",
+    "upscale_vary": "Upscale or vary",
+    "inpaint_outpaint": "Inpaint or outpaint",
+}
+
+
 @dataclass
 class GenerationTask:
     prompt: str = ""
@@ -39,11 +47,31 @@ class GenerationTask:
     guidance_scale: float = presets.DEFAULT_GUIDANCE_SCALE
     sharpness: float = presets.DEFAULT_SHARPNESS
     advanced_params: dict = field(default_factory=dict)
+    # Image inputs and the other request fields (raw base64 PNG images under Fooocus's internal
+    # names: uov_input_image, inpaint_input_image, inpaint_mask_image, image_prompts[].cn_img,
+    # enhance_input_image), kept for the image tasks.
+    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationTask":
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and data[k] is not None}
-        return cls(**known)
+        fields = set(cls.__dataclass_fields__) - {"extra"}
+        known = {k: data[k] for k in fields if k in data and data[k] is not None}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in fields})
+
+    @property
+    def goal(self) -> str:
+        """Which Fooocus tab runs, by Fooocus-API's precedence: enhance, image prompt,
+        upscale/vary, inpaint/outpaint, else text to image."""
+        x = self.extra
+        if x.get("enhance_input_image"):
+            return "enhance"
+        if any(ip.get("cn_img") for ip in x.get("image_prompts") or []):
+            return "image_prompt"
+        if x.get("uov_input_image") and x.get("uov_method", "Disabled") != "Disabled":
+            return "upscale_vary"
+        if x.get("inpaint_input_image"):
+            return "inpaint_outpaint"
+        return "text_to_image"
 
     # Resolved settings (Fooocus's apply_overrides and performance restrictions).
 
@@ -99,6 +127,9 @@ class GenerationTask:
         if width % size_multiple or height % size_multiple:
             raise ValueError(f"width and height must be multiples of {size_multiple} for this model, "
                              f"got {width}*{height}")
+        if self.goal != "text_to_image":
+            raise UnsupportedFeature(f"{GOAL_LABELS[self.goal]} is not supported by this server yet "
+                                     f"(only text to image is)")
         if self.performance.lora is not None:
             raise UnsupportedFeature(
                 f"performance '{self.performance_selection}' needs its LoRA "

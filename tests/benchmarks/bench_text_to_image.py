@@ -105,8 +105,13 @@ class Diffusers:
     """diffusers' StableDiffusionXLPipeline on the same tiny checkpoint, torch on CPU."""
 
     def __init__(self, checkpoint: Path):
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+        for lib in (diffusers_logging, transformers_logging):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
         self.pipe = StableDiffusionXLPipeline.from_pretrained(str(checkpoint), local_files_only=True)
         self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config, use_karras_sigmas=True)
         self.pipe.to("cpu")
