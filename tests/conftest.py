@@ -58,7 +58,7 @@ def triton(model_repository, tmp_path_factory):
 class ServedFrontend:
     """The frontend app under a real uvicorn server in a background thread."""
 
-    def __init__(self, triton_url: str, output_dir: Path, concurrency: int = 2):
+    def __init__(self, triton_url: str, output_dir: Path, **settings):
         import uvicorn
 
         from frontend.app import Settings, create_app
@@ -66,8 +66,11 @@ class ServedFrontend:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.output_dir = output_dir
-        self.app = create_app(Settings(triton_url=triton_url, base_url=self.base_url, output_dir=output_dir,
-                                       concurrency=concurrency, triton_ready_timeout_s=120))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        settings.setdefault("database_url", f"sqlite:///{output_dir / 'jobs.db'}")
+        settings.setdefault("triton_ready_timeout_s", 120)
+        self.settings = Settings(triton_url=triton_url, base_url=self.base_url, output_dir=output_dir, **settings)
+        self.app = create_app(self.settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -103,6 +106,16 @@ def served(triton, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def served_frontend(triton_url: str, output_dir: Path, concurrency: int = 2):
-    with ServedFrontend(triton_url, output_dir, concurrency) as frontend:
+def served_frontend(triton_url: str, output_dir: Path, **settings):
+    """Another frontend (its own job database and output folder) on the session's Triton."""
+    with ServedFrontend(triton_url, output_dir, **settings) as frontend:
         yield frontend
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A database on a private PostgreSQL server on 127.0.0.1 (tests/postgres.py installs Debian's
+    package when missing); fails under CI, skips elsewhere, when it cannot run."""
+    from tests.postgres import postgres_session
+
+    yield from postgres_session()
