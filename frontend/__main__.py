@@ -91,6 +91,7 @@ def main(argv=None) -> int:
         log.info("starting the embedded Triton Inference Server ...")
         launcher.start()
         triton_url = launcher.grpc_url
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite store sits beside it
     try:
         settings = Settings(
             triton_url=triton_url, base_url=base_url, output_dir=args.output_dir, database_url=args.database_url,
