@@ -59,7 +59,7 @@ def export_checkpoint(checkpoint: Path, onnx_dir: Path) -> Path:
     return onnx_dir
 
 
-def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str) -> Path:
+def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: str = "cpu") -> Path:
     from pipeline.interfaces import LEAF_MODEL_NAMES, ModelDims
 
     from .repository import write_repository
@@ -69,7 +69,7 @@ def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str) -> Path:
         shutil.rmtree(repo)
     return write_repository(repo, {n: onnx_dir / f"{n}.onnx" for n in LEAF_MODEL_NAMES},
                             ModelDims.from_json(meta["dims"]), onnx_dir / "tokenizer.json",
-                            target=target, checkpoint_name=meta["checkpoint"])
+                            target=target, checkpoint_name=meta["checkpoint"], device=device)
 
 
 def build_default(build: Path = DEFAULT_BUILD) -> Path:
@@ -124,7 +124,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("repository", help="write a model repository from exported ONNX files")
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--target", default="python-ort")
+    p.add_argument("--target", default="python-ort", choices=("python-ort", "onnxruntime", "tensorrt"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="onnxruntime target: where it runs")
+    p = sub.add_parser("tensorrt", help="build the TensorRT plans of a tensorrt repository (needs TensorRT and a GPU)")
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--timing-cache", type=Path, default=DEFAULT_BUILD / "trt_timing.cache")
     args = parser.parse_args(argv)
     if args.command == "default":
         print(build_default(args.build_dir))
@@ -132,7 +136,15 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         print(export_checkpoint(args.checkpoint, args.out))
     elif args.command == "repository":
-        print(write_repository_from_onnx(args.onnx, args.out, args.target))
+        print(write_repository_from_onnx(args.onnx, args.out, args.target, args.device))
+    elif args.command == "tensorrt":
+        from .tensorrt import TensorRTUnavailable, build_repository_engines
+
+        try:
+            build_repository_engines(args.repository, args.timing_cache)
+        except TensorRTUnavailable as exc:
+            log.error("%s", exc)
+            return 3
     return 0
 
 

@@ -1,8 +1,11 @@
 """Write a Triton model repository for a target from exported ONNX files.
 
-Targets (see docs/architecture.md):
-  python-ort  the bundled CPU Triton (python backend only): each leaf is a python model that runs
-              its .onnx with ONNX Runtime. The pipeline (BLS) model is the same for every target.
+Targets (see docs/architecture.md); the pipeline (BLS) model is the same for every target:
+  python-ort   the bundled CPU Triton (python backend only): each leaf is a python model that runs
+               its .onnx with ONNX Runtime.
+  onnxruntime  Triton's onnxruntime backend (official container), on CPU or GPU.
+  tensorrt     Triton's TensorRT backend: `<leaf>/1/model.plan`, built from the `model.onnx` beside
+               it on the serving GPU by `python -m export tensorrt` (profiles in trt_profiles.json).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 from pipeline.interfaces import LEAF_MODEL_NAMES, PIPELINE_SPEC, ModelDims, ModelSpec, TensorSpec, leaf_specs
 
 PROJECT_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
-TARGETS = ("python-ort",)
+TARGETS = ("python-ort", "onnxruntime", "tensorrt")
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "object": "TYPE_STRING"}
@@ -30,12 +33,14 @@ def _tensors(kind: str, specs) -> str:
     return f"{kind} [\n{body}\n]\n"
 
 
-def model_config(spec: ModelSpec, backend: str, instances: int = 1, decoupled: bool = False,
-                 parameters: dict | None = None) -> str:
+def model_config(spec: ModelSpec, backend: str | None = None, platform: str | None = None, instances: int = 1,
+                 kind: str = "KIND_CPU", decoupled: bool = False, parameters: dict | None = None) -> str:
     """config.pbtxt text. Batching is left to the pipeline (max_batch_size 0: every axis explicit)."""
-    text = f'name: "{spec.name}"\nbackend: "{backend}"\nmax_batch_size: 0\n'
+    text = f'name: "{spec.name}"\n'
+    text += f'backend: "{backend}"\n' if backend else f'platform: "{platform}"\n'
+    text += "max_batch_size: 0\n"
     text += _tensors("input", spec.inputs) + _tensors("output", spec.outputs)
-    text += f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
+    text += f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n"
     if decoupled:
         text += "model_transaction_policy {\n  decoupled: true\n}\n"
     for key, value in (parameters or {}).items():
@@ -43,18 +48,34 @@ def model_config(spec: ModelSpec, backend: str, instances: int = 1, decoupled: b
     return text
 
 
+def leaf_config(spec: ModelSpec, target: str, device: str) -> str:
+    if target == "python-ort":
+        return model_config(spec, backend="python")
+    if target == "onnxruntime":
+        return model_config(spec, platform="onnxruntime_onnx", kind="KIND_GPU" if device == "gpu" else "KIND_CPU")
+    return model_config(spec, platform="tensorrt_plan", kind="KIND_GPU")
+
+
 def write_repository(repo: Path, onnx_paths: dict[str, Path], dims: ModelDims, tokenizer_json: Path,
-                     target: str = "python-ort", checkpoint_name: str = "", max_concurrent_jobs: int = 4) -> Path:
+                     target: str = "python-ort", checkpoint_name: str = "", max_concurrent_jobs: int = 4,
+                     device: str = "cpu") -> Path:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be cpu or gpu, got {device!r}")
     repo.mkdir(parents=True, exist_ok=True)
     specs = leaf_specs(dims)
     for name in LEAF_MODEL_NAMES:
         version = repo / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         shutil.copy2(onnx_paths[name], version / "model.onnx")
-        shutil.copy2(PROJECT_MODELS / "python_ort_leaf" / "1" / "model.py", version / "model.py")
-        (repo / name / "config.pbtxt").write_text(model_config(specs[name], "python"))
+        if target == "python-ort":
+            shutil.copy2(PROJECT_MODELS / "python_ort_leaf" / "1" / "model.py", version / "model.py")
+        (repo / name / "config.pbtxt").write_text(leaf_config(specs[name], target, device))
+    if target == "tensorrt":
+        from .tensorrt import leaf_profiles
+
+        (repo / "trt_profiles.json").write_text(json.dumps(leaf_profiles(dims), indent=1))
     version = repo / PIPELINE_SPEC.name / "1"
     version.mkdir(parents=True, exist_ok=True)
     shutil.copy2(PROJECT_MODELS / PIPELINE_SPEC.name / "1" / "model.py", version / "model.py")

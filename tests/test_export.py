@@ -68,12 +68,29 @@ def test_tiny_dims_read_off_the_checkpoint(repo_dims):
     assert repo_dims.extra["size_multiple"] == 32
 
 
+@pytest.fixture(scope="module")
+def repositories(model_repository, onnx_dir, tmp_path_factory):
+    """The repository of every target, written from the same ONNX export."""
+    from export.__main__ import write_repository_from_onnx
+
+    out = {"python-ort": model_repository}
+    for target in ("onnxruntime", "tensorrt"):
+        out[target] = write_repository_from_onnx(onnx_dir, tmp_path_factory.mktemp(target) / "repo", target)
+    return out
+
+
+LEAF_PLATFORMS = {"python-ort": ("python", ""), "onnxruntime": ("", "onnxruntime_onnx"),
+                  "tensorrt": ("", "tensorrt_plan")}
+
+
+@pytest.mark.parametrize("target", list(LEAF_PLATFORMS))
 @pytest.mark.parametrize("name", LEAF_MODEL_NAMES)
-def test_leaf_config_and_onnx_agree_with_the_interface(name, model_repository, repo_dims):
+def test_leaf_config_and_onnx_agree_with_the_interface(name, target, repositories, repo_dims):
+    repo = repositories[target]
     spec = leaf_specs(repo_dims)[name]
-    config = parse_config(model_repository / name / "config.pbtxt")
-    assert config.name == name and config.backend == "python"
-    onnx_model = onnx.load(str(model_repository / name / "1" / "model.onnx"), load_external_data=False)
+    config = parse_config(repo / name / "config.pbtxt")
+    assert config.name == name and (config.backend, config.platform) == LEAF_PLATFORMS[target]
+    onnx_model = onnx.load(str(repo / name / "1" / "model.onnx"), load_external_data=False)
     onnx_inputs = {i.name: i for i in onnx_model.graph.input}
     onnx_outputs = {o.name: o for o in onnx_model.graph.output}
     for tensors, onnx_tensors, specs in ((config.input, onnx_inputs, spec.inputs),
@@ -90,7 +107,45 @@ def test_leaf_config_and_onnx_agree_with_the_interface(name, model_repository, r
                     assert c == -1 and o.dim_param and not o.dim_value
 
 
-def test_pipeline_config_is_decoupled(model_repository):
-    config = parse_config(model_repository / PIPELINE_SPEC.name / "config.pbtxt")
-    assert config.model_transaction_policy.decoupled
+@pytest.mark.parametrize("target", list(LEAF_PLATFORMS))
+def test_pipeline_config_is_decoupled_and_the_same_for_every_target(target, repositories):
+    repo = repositories[target]
+    config = parse_config(repo / PIPELINE_SPEC.name / "config.pbtxt")
+    assert config.model_transaction_policy.decoupled and config.backend == "python"
     assert [t.name for t in config.input] == ["task"] and [t.name for t in config.output] == ["event", "image"]
+    assert (repo / PIPELINE_SPEC.name / "1" / "model.py").read_bytes() == \
+        (repositories["python-ort"] / PIPELINE_SPEC.name / "1" / "model.py").read_bytes()
+
+
+def test_tensorrt_profiles_agree_with_onnx_and_cover_fooocus_sizes(repositories, repo_dims):
+    from pipeline.presets import ASPECT_RATIOS
+
+    repo = repositories["tensorrt"]
+    profiles = json.loads((repo / "trt_profiles.json").read_text())
+    assert set(profiles) == set(LEAF_MODEL_NAMES)
+    for name, profile in profiles.items():
+        graph = onnx.load(str(repo / name / "1" / "model.onnx"), load_external_data=False).graph
+        inputs = {i.name: i.type.tensor_type.shape.dim for i in graph.input}
+        assert set(profile) == set(inputs), name
+        for tensor, (lo, opt, hi) in profile.items():
+            dims = inputs[tensor]
+            assert len(lo) == len(opt) == len(hi) == len(dims)
+            for a, b, c, d in zip(lo, opt, hi, dims):
+                assert a <= b <= c
+                if d.dim_value:
+                    assert a == b == c == d.dim_value, (name, tensor)
+    f = repo_dims.vae_scale_factor
+    (lo, _, hi) = profiles["unet"]["sample"]
+    for ratio in ASPECT_RATIOS:  # every Fooocus size, CFG batch 2, fits the UNet profile
+        w, h = (int(v) for v in ratio.split("*"))
+        assert lo[0] <= 2 <= hi[0] and lo[2] <= h // f <= hi[2] and lo[3] <= w // f <= hi[3], ratio
+    (lo, _, hi) = profiles["vae_decoder"]["latent"]
+    assert lo[2] * f <= 576 and hi[3] * f >= 1728
+
+
+def test_tensorrt_build_stops_with_a_clear_error_without_tensorrt_or_gpu(repositories, tmp_path):
+    from export.tensorrt import TensorRTUnavailable, build_repository_engines
+
+    with pytest.raises(TensorRTUnavailable, match="TensorRT|GPU"):
+        build_repository_engines(repositories["tensorrt"], tmp_path / "timing.cache")
+    assert not list(repositories["tensorrt"].glob("*/1/model.plan"))
