@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .files import OutputFiles
-from .store import ERROR, RUNNING, SUCCESS, JobRecord, JobStore
+from .store import ERROR, SUCCESS, JobRecord, JobStore
 from .triton_client import TritonJobError, TritonPipelineClient
 
 log = logging.getLogger(__name__)

@@ -122,16 +122,21 @@ class JobStore:
     def claim_next(self, owner: str) -> JobRecord | None:
         """The oldest WAITING job, now RUNNING and owned by `owner`; None if there is none."""
         with self.session() as s:
-            candidates = s.scalars(select(JobRow.job_id).where(JobRow.stage == WAITING)
-                                   .order_by(JobRow.in_queue_mills).limit(8)).all()
-            for job_id in candidates:
-                t = now_ms()
-                claimed = s.execute(update(JobRow).where(JobRow.job_id == job_id, JobRow.stage == WAITING)
-                                    .values(stage=RUNNING, owner=owner, start_mills=t, heartbeat_mills=t)).rowcount
+            while True:
+                candidates = s.scalars(select(JobRow.job_id).where(JobRow.stage == WAITING)
+                                       .order_by(JobRow.in_queue_mills, JobRow.job_id).limit(8)).all()
                 s.commit()
-                if claimed == 1:
-                    return _record(s.get(JobRow, job_id, populate_existing=True))
-        return None
+                if not candidates:
+                    return None
+                for job_id in candidates:
+                    t = now_ms()
+                    claimed = s.execute(update(JobRow).where(JobRow.job_id == job_id, JobRow.stage == WAITING)
+                                        .values(stage=RUNNING, owner=owner, start_mills=t,
+                                                heartbeat_mills=t)).rowcount
+                    s.commit()
+                    if claimed == 1:
+                        return _record(s.get(JobRow, job_id, populate_existing=True))
+                # Every candidate went to other workers (which therefore made progress): look again.
 
     def progress(self, job_id: str, progress: int, status: str | None) -> None:
         with self.session.begin() as s:
