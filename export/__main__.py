@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUILD = ROOT / "build"
 # Files whose content decides the tiny checkpoint and its ONNX export.
 _EXPORT_SOURCES = ("export/tiny.py", "export/onnx_export.py", "export/checkpoint.py", "export/tokenizer.py",
+                   "pipeline/torch_leaves.py",
                    "pipeline/interfaces.py", "constraints.txt")
 
 log = logging.getLogger("export")
@@ -72,6 +73,33 @@ def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: 
                             target=target, checkpoint_name=meta["checkpoint"], device=device)
 
 
+def write_torch_repository(checkpoint: Path, repo: Path, device: str, work: Path = DEFAULT_BUILD) -> Path:
+    """A python-torch repository serving `checkpoint` directly (converted to a diffusers folder
+    first when it is a single file)."""
+    from .checkpoint import load_checkpoint, model_dims
+    from .repository import write_repository
+    from .tokenizer import sdxl_tokenizers
+
+    components = load_checkpoint(checkpoint)
+    folder = checkpoint
+    if not checkpoint.is_dir():
+        folder = work / "checkpoints" / checkpoint.stem
+        from diffusers import StableDiffusionXLPipeline
+
+        tok, tok2 = sdxl_tokenizers(work / "vocab")
+        StableDiffusionXLPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                  text_encoder_2=components.text_encoder_2, tokenizer=tok, tokenizer_2=tok2,
+                                  unet=components.unet, scheduler=None).save_pretrained(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, _ = sdxl_tokenizers(Path(tmp) / "vocab")
+        tok.save_pretrained(Path(tmp) / "tokenizer")
+        if repo.exists():
+            shutil.rmtree(repo)
+        return write_repository(repo, None, model_dims(components), Path(tmp) / "tokenizer" / "tokenizer.json",
+                                target="python-torch", checkpoint_name=checkpoint.name, device=device,
+                                checkpoint_dir=folder)
+
+
 def build_default(build: Path = DEFAULT_BUILD) -> Path:
     """The embedded default repository, rebuilding the tiny checkpoint and ONNX only when the
     export code changed. Returns the repository path."""
@@ -121,10 +149,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("onnx", help="export a checkpoint to ONNX")
     p.add_argument("checkpoint", type=Path, help="diffusers folder or single-file .safetensors")
     p.add_argument("--out", type=Path, required=True)
-    p = sub.add_parser("repository", help="write a model repository from exported ONNX files")
-    p.add_argument("--onnx", type=Path, required=True)
+    p = sub.add_parser("repository", help="write a model repository (from ONNX files, or a checkpoint for python-torch)")
+    p.add_argument("--onnx", type=Path, help="exported ONNX folder (python-ort, onnxruntime, tensorrt)")
+    p.add_argument("--checkpoint", type=Path, help="SDXL checkpoint (python-torch)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--target", default="python-ort", choices=("python-ort", "onnxruntime", "tensorrt"))
+    p.add_argument("--target", default="python-ort", choices=("python-ort", "onnxruntime", "tensorrt", "python-torch"))
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="onnxruntime target: where it runs")
     p = sub.add_parser("tensorrt", help="build the TensorRT plans of a tensorrt repository (needs TensorRT and a GPU)")
     p.add_argument("--repository", type=Path, required=True)
@@ -136,7 +165,14 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         print(export_checkpoint(args.checkpoint, args.out))
     elif args.command == "repository":
-        print(write_repository_from_onnx(args.onnx, args.out, args.target, args.device))
+        if args.target == "python-torch":
+            if not args.checkpoint:
+                parser.error("--target python-torch needs --checkpoint")
+            print(write_torch_repository(args.checkpoint, args.out, args.device))
+        else:
+            if not args.onnx:
+                parser.error(f"--target {args.target} needs --onnx")
+            print(write_repository_from_onnx(args.onnx, args.out, args.target, args.device))
     elif args.command == "tensorrt":
         from .tensorrt import TensorRTUnavailable, build_repository_engines
 

@@ -10,70 +10,11 @@ import torch
 
 from pipeline.interfaces import (TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET, VAE_DECODER,
                                  VAE_ENCODER, ModelDims, leaf_specs)
+from pipeline.torch_leaves import torch_modules
 
 from .checkpoint import SDXLComponents
 
 log = logging.getLogger(__name__)
-
-
-class TextEncoderL(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, output_hidden_states=True)
-        return torch.stack(out.hidden_states, dim=1)
-
-
-class TextEncoderG(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, output_hidden_states=True)
-        return torch.stack(out.hidden_states, dim=1), out.text_embeds
-
-
-class UNet(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        return self.model(sample, timestep, encoder_hidden_states,
-                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-                          return_dict=False)[0]
-
-
-class VaeEncoder(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image):
-        return self.vae.encode(image).latent_dist.mean
-
-
-class VaeDecoder(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
-def torch_modules(c: SDXLComponents) -> dict[str, torch.nn.Module]:
-    """Each leaf model as a torch module with exactly the leaf interface's inputs and outputs."""
-    return {
-        TEXT_ENCODER_L: TextEncoderL(c.text_encoder).eval(),
-        TEXT_ENCODER_G: TextEncoderG(c.text_encoder_2).eval(),
-        UNET: UNet(c.unet).eval(),
-        VAE_ENCODER: VaeEncoder(c.vae).eval(),
-        VAE_DECODER: VaeDecoder(c.vae).eval(),
-    }
 
 
 def example_inputs(name: str, dims: ModelDims, batch: int = 2, latent_hw=(16, 24), chunks: int = 2

@@ -6,6 +6,8 @@ Targets (see docs/architecture.md); the pipeline (BLS) model is the same for eve
   onnxruntime  Triton's onnxruntime backend (official container), on CPU or GPU.
   tensorrt     Triton's TensorRT backend: `<leaf>/1/model.plan`, built from the `model.onnx` beside
                it on the serving GPU by `python -m export tensorrt` (profiles in trt_profiles.json).
+  python-torch each leaf is a python model running the checkpoint's torch module (CUDA fp16 where a
+               GPU is, else CPU fp32): the GPU path for machines without TensorRT.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from pipeline.interfaces import LEAF_MODEL_NAMES, PIPELINE_SPEC, ModelDims, ModelSpec, TensorSpec, leaf_specs
 
 PROJECT_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
-TARGETS = ("python-ort", "onnxruntime", "tensorrt")
+TARGETS = ("python-ort", "onnxruntime", "tensorrt", "python-torch")
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "object": "TYPE_STRING"}
@@ -48,17 +50,24 @@ def model_config(spec: ModelSpec, backend: str | None = None, platform: str | No
     return text
 
 
-def leaf_config(spec: ModelSpec, target: str, device: str) -> str:
+def leaf_config(spec: ModelSpec, target: str, device: str, checkpoint: str = "") -> str:
     if target == "python-ort":
         return model_config(spec, backend="python")
+    if target == "python-torch":
+        gpu = device == "gpu"
+        return model_config(spec, backend="python", kind="KIND_GPU" if gpu else "KIND_CPU", parameters={
+            "checkpoint": checkpoint, "device": "cuda" if gpu else "cpu", "dtype": "float16" if gpu else "float32",
+            # GPU inputs stay on the GPU (DLPack) instead of being copied to the host first.
+            "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if gpu else "yes"})
     if target == "onnxruntime":
         return model_config(spec, platform="onnxruntime_onnx", kind="KIND_GPU" if device == "gpu" else "KIND_CPU")
     return model_config(spec, platform="tensorrt_plan", kind="KIND_GPU")
 
 
-def write_repository(repo: Path, onnx_paths: dict[str, Path], dims: ModelDims, tokenizer_json: Path,
+def write_repository(repo: Path, onnx_paths: dict[str, Path] | None, dims: ModelDims, tokenizer_json: Path,
                      target: str = "python-ort", checkpoint_name: str = "", max_concurrent_jobs: int = 4,
-                     device: str = "cpu") -> Path:
+                     device: str = "cpu", checkpoint_dir: Path | None = None) -> Path:
+    """onnx_paths for the ONNX-based targets; checkpoint_dir (a diffusers folder) for python-torch."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     if device not in ("cpu", "gpu"):
@@ -68,10 +77,14 @@ def write_repository(repo: Path, onnx_paths: dict[str, Path], dims: ModelDims, t
     for name in LEAF_MODEL_NAMES:
         version = repo / name / "1"
         version.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(onnx_paths[name], version / "model.onnx")
+        if target == "python-torch":
+            shutil.copy2(PROJECT_MODELS / "python_torch_leaf" / "1" / "model.py", version / "model.py")
+        else:
+            shutil.copy2(onnx_paths[name], version / "model.onnx")
         if target == "python-ort":
             shutil.copy2(PROJECT_MODELS / "python_ort_leaf" / "1" / "model.py", version / "model.py")
-        (repo / name / "config.pbtxt").write_text(leaf_config(specs[name], target, device))
+        checkpoint = str(Path(checkpoint_dir).resolve()) if checkpoint_dir else ""
+        (repo / name / "config.pbtxt").write_text(leaf_config(specs[name], target, device, checkpoint))
     if target == "tensorrt":
         from .tensorrt import leaf_profiles
 
@@ -82,7 +95,9 @@ def write_repository(repo: Path, onnx_paths: dict[str, Path], dims: ModelDims, t
     shutil.copy2(tokenizer_json, version / "tokenizer.json")
     (version / "model_info.json").write_text(json.dumps(
         {"checkpoint": checkpoint_name, "target": target, "dims": dims.to_json()}, indent=2))
+    pipeline_params = {"max_concurrent_jobs": max_concurrent_jobs}
+    if device == "gpu" and target != "python-ort":
+        pipeline_params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     (repo / PIPELINE_SPEC.name / "config.pbtxt").write_text(model_config(
-        PIPELINE_SPEC, "python", decoupled=True,
-        parameters={"max_concurrent_jobs": max_concurrent_jobs}))
+        PIPELINE_SPEC, backend="python", decoupled=True, parameters=pipeline_params))
     return repo
