@@ -14,6 +14,7 @@ from .interfaces import UNET, VAE_DECODER, ModelDims
 from .models import ModelRunner
 from .samplers import SAMPLERS, SDE_SAMPLERS, BrownianTreeNoise
 from .errors import UnsupportedFeature
+from .guidance import adm_emphasized, adm_time_ids, guided_denoised
 from .schedules import SDXL_SCHEDULE, DiscreteSchedule, calculate_sigmas
 from .task import GenerationTask
 from .text import ClipTokenizer, encode_prompt, match_lengths
@@ -64,8 +65,7 @@ class Pipeline:
         else:
             uncond, pooled_neg = encode_prompt(task.negative_prompt, self.tokenizer, self.models, task.clip_skip)
         cond, uncond = match_lengths(cond, uncond)
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-        denoise = self._denoiser(cond, uncond, pooled, pooled_neg, time_ids, task.cfg)
+        denoise = self._denoiser(task, cond, uncond, pooled, pooled_neg, width, height)
 
         for index, seed in enumerate(seeds):
             if is_cancelled():
@@ -94,29 +94,31 @@ class Pipeline:
             emit({"type": "result", "image_index": index, "seed": str(seed), "width": width, "height": height,
                   "steps": steps, "sampler": task.sampler, "scheduler": task.scheduler}, image)
 
-    def _denoiser(self, cond, uncond, pooled, pooled_neg, time_ids, cfg: float):
-        """D(x, sigma) with classifier-free guidance in epsilon space (one UNet call, batch 2)."""
+    def _denoiser(self, task: GenerationTask, cond, uncond, pooled, pooled_neg, width: int, height: int):
+        """D(x, sigma): Fooocus's guidance around one UNet call (CFG folded into a batch of 2)."""
         schedule = self.schedule
-        if cfg == 1.0:
-            context, text_embeds, ids = cond, pooled, time_ids
-        else:
-            context = torch.cat([cond, uncond])
-            text_embeds = torch.cat([pooled, pooled_neg])
-            ids = torch.cat([time_ids, time_ids])
-        batch = context.shape[0]
+        cfg, sharpness, adaptive = task.cfg, task.sharpness_value, task.adaptive_cfg
+        adm_pos, adm_neg, adm_end = task.adm_scalers
+        emph_pos, emph_neg, consistent = adm_time_ids(width, height, adm_pos, adm_neg)
+        single = cfg == 1.0  # Fooocus evaluates only the positive prompt at CFG 1
+        context = cond if single else torch.cat([cond, uncond])
+        text_embeds = pooled if single else torch.cat([pooled, pooled_neg])
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            timestep = schedule.timestep(sigma.reshape(1))
+            emphasized = adm_emphasized(float(timestep), adm_end)
+            ids_pos = emph_pos if emphasized else consistent
+            ids = ids_pos if single else torch.cat([ids_pos, emph_neg if emphasized else consistent])
             c_in = 1.0 / torch.sqrt(sigma**2 + 1.0)
-            timestep = schedule.timestep(sigma.reshape(1)).repeat(batch)
+            batch = context.shape[0]
             eps = self.models(UNET, {
-                "sample": (x * c_in).repeat(batch, 1, 1, 1), "timestep": timestep,
+                "sample": (x * c_in).repeat(batch, 1, 1, 1), "timestep": timestep.repeat(batch),
                 "encoder_hidden_states": context, "text_embeds": text_embeds, "time_ids": ids,
             })["noise_pred"]
-            if batch == 1:
-                return x - sigma * eps
-            # epsilon-space CFG: e = e_neg + s (e_pos - e_neg), where e = x - D = sigma * eps
-            e_pos, e_neg = sigma * eps[:1], sigma * eps[1:]
-            return x - (e_neg + cfg * (e_pos - e_neg))
+            denoised = x - sigma * eps
+            if single:
+                return denoised
+            return guided_denoised(x, denoised[:1], denoised[1:], cfg, float(timestep), sharpness, adaptive)
 
         return denoise
 

@@ -110,6 +110,24 @@ class GenerationTask:
         return float(self.guidance_scale if p is None else p)
 
     @property
+    def sharpness_value(self) -> float:
+        p = self.performance.sharpness
+        return float(self.sharpness if p is None else p)
+
+    @property
+    def adaptive_cfg(self) -> float:
+        p = self.performance.adaptive_cfg
+        return float(self.adv("adaptive_cfg", presets.DEFAULT_ADAPTIVE_CFG) if p is None else p)
+
+    @property
+    def adm_scalers(self) -> tuple[float, float, float]:
+        """(positive, negative, end) of Fooocus's ADM guidance."""
+        if self.performance.adm is not None:
+            return self.performance.adm
+        return (float(self.adv("adm_scaler_positive", 1.5)), float(self.adv("adm_scaler_negative", 0.8)),
+                float(self.adv("adm_scaler_end", 0.3)))
+
+    @property
     def clip_skip(self) -> int:
         return int(self.adv("clip_skip", presets.DEFAULT_CLIP_SKIP))
 
