@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fastapi import APIRouter, Body, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from pipeline.styles import STYLE_NAMES
@@ -192,8 +193,6 @@ async def image_enhance_v2(request: Request, req: p.ImageEnhanceRequestJson, acc
     params = base_params(req, exclude={"enhance_input_image"})
     image = await b64_image(req.enhance_input_image, "enhance_input_image", limits(request))
     if image is None:
-        from fastapi.exceptions import RequestValidationError
-
         raise RequestValidationError([{"type": "missing", "loc": ("body", "enhance_input_image"),
                                        "msg": "An input image is required", "input": req.enhance_input_image}])
     params["enhance_input_image"] = image
@@ -246,23 +245,26 @@ def persistent_row(record) -> dict:
         "date_time": datetime.fromtimestamp(record.in_queue_mills / 1000).strftime("%Y-%m-%d %H:%M:%S")}}
 
 
+MAX_OFFSET = 2**62
+
+
 @router.get("/v1/generation/job-history", summary="Query historical job data")
 async def job_history(request: Request, job_id: str | None = None, page: int = Query(0, ge=0),
                       page_size: int = Query(20, ge=1, le=1000), delete: bool = False):
     manager = jobs(request)
     if delete:
         if not job_id:
-            from fastapi.exceptions import RequestValidationError
-
             raise RequestValidationError([{"type": "missing", "loc": ("query", "job_id"),
                                            "msg": "job_id is required with delete=true", "input": None}])
         return {"message": "Deleted" if await manager.delete(job_id) else "Not found"}
     store = manager.store
     queue = [history_info(r) for r in store.list(finished=False, job_id=job_id)]
+    # Any page is valid (past the end it is empty), but the database's OFFSET is a 64-bit integer.
+    offset = min(page * page_size, MAX_OFFSET)
     if request.app.state.settings.persistent:
-        rows = store.list(finished=True, job_id=job_id, offset=page * page_size, limit=page_size, newest_first=True)
+        rows = store.list(finished=True, job_id=job_id, offset=offset, limit=page_size, newest_first=True)
         return {"history": [persistent_row(r) for r in rows], "queue": queue}
-    rows = store.list(finished=True, job_id=job_id, offset=page * page_size, limit=page_size)
+    rows = store.list(finished=True, job_id=job_id, offset=offset, limit=page_size)
     return p.JobHistoryResponse(queue=queue, history=[history_info(r) for r in rows])
 
 
@@ -270,12 +272,32 @@ class StopRequest(p.Request):
     job_id: str | None = None
 
 
-@router.post("/v1/generation/stop", response_model=p.StopResponse, summary="Stop the running job(s), or one job")
-async def stop(request: Request, body: StopRequest | None = Body(None)):
-    """Fooocus-API: stops the running job(s). Beyond it: {"job_id": ...} cancels that one job,
-    waiting or running. Any other body is ignored."""
-    await jobs(request).cancel(body.job_id if body and body.job_id else None)
+STOP_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": StopRequest.model_json_schema()}}}}
+
+
+@router.post("/v1/generation/stop", response_model=p.StopResponse, summary="Stop the running job(s), or one job",
+             openapi_extra=STOP_BODY)
+async def stop(request: Request):
+    """Fooocus-API: stops the running job(s); whatever body is sent is ignored. Beyond it:
+    {"job_id": "<id>"} cancels that one job, waiting or running."""
+    await jobs(request).cancel(await _stop_job_id(request))
     return {"msg": "success"}
+
+
+async def _stop_job_id(request: Request) -> str | None:
+    """The job_id of a {"job_id": ...} body; None for no body or any other body (not an error:
+    Fooocus-API ignores the body of stop)."""
+    import json
+
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    job_id = body.get("job_id") if isinstance(body, dict) else None
+    if job_id is None or isinstance(job_id, (dict, list)) or job_id == "":
+        return None
+    return str(job_id)
 
 
 # --- engines and tools --------------------------------------------------------------------------
@@ -327,14 +349,18 @@ def not_supported(feature: str) -> JSONResponse:
 async def describe_image(request: Request, image: UploadFile = File(...),
                          image_type: p.DescribeImageType = Query(p.DescribeImageType.photo),
                          type: p.DescribeImageType | None = Query(None, description="old name of image_type")):
-    await b64_upload(image, "image", limits(request))  # validated like every upload
+    if await b64_upload(image, "image", limits(request)) is None:  # validated like every upload
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "image"),
+                                       "msg": "An image is required (the uploaded file is empty)", "input": None}])
     return not_supported("describe-image (BLIP / WD14 captioning)")
 
 
 @router.post("/v1/tools/generate_mask", response_model=str, summary="Generate a mask",
              responses={501: {"description": "No segmentation model is served"}})
 async def generate_mask(request: Request, req: p.GenerateMaskRequest):
-    await b64_image(req.image, "image", limits(request))
+    if await b64_image(req.image, "image", limits(request)) is None:
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "image"),
+                                       "msg": "An image is required", "input": req.image}])
     return not_supported("generate_mask (rembg / SAM segmentation)")
 
 

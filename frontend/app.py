@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from pipeline.presets import PRESETS
 
@@ -20,7 +21,9 @@ from .api_router import files_router, router
 from .files import OutputFiles
 from .images import ImageLimits
 from .jobs import JobManager
-from .serving import ImageTooLarge, save_result
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .serving import ImageTooLarge, field_loc, save_result
 from .store import JobStore
 from .triton_client import TritonPipelineClient
 
@@ -59,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
         raise ValueError(f"unknown preset {settings.preset!r}; choose from {', '.join(PRESETS)}")
     files = OutputFiles(settings.output_dir, settings.base_url)
     store = JobStore(settings.database_url or default_database_url(settings.output_dir))
+    metrics = Metrics(store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,7 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
             queue_size=settings.queue_size, queue_history=settings.queue_history,
             owner=settings.instance_id or f"{socket.gethostname()}:{settings.base_url}",
             ready_timeout_s=settings.triton_ready_timeout_s,
-            result_hook=lambda record, data, image: save_result(files, record, data, image))
+            result_hook=lambda record, data, image: save_result(files, record, data, image), metrics=metrics)
         app.state.jobs = jobs
         await jobs.start()
         try:
@@ -95,13 +99,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     app.include_router(files_router)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():  # open like /files: scrapers carry no API key
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": jsonable_encoder(_clean(exc.errors()))}, status_code=422)
 
     @app.exception_handler(ImageTooLarge)
     async def too_large(request: Request, exc: ImageTooLarge):
-        return JSONResponse({"detail": [{"type": "too_large", "loc": ["body", *exc.error.field.split(".")],
+        return JSONResponse({"detail": [{"type": "too_large", "loc": list(field_loc(exc.error.field)),
                                          "msg": str(exc.error), "input": None}]}, status_code=413)
 
     @app.exception_handler(Exception)
@@ -120,11 +128,24 @@ def _clean(errors) -> list[dict]:
         if "ctx" in e:
             e["ctx"] = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v))
                         for k, v in e["ctx"].items()}
-        if isinstance(e.get("input"), (bytes, bytearray)):
-            e["input"] = e["input"].decode(errors="replace")
+        e["input"] = _json_safe(e.get("input"))
         e.pop("url", None)
         out.append(e)
     return out
+
+
+def _json_safe(value):
+    """An error's echoed input as strict JSON: bytes decoded, NaN/Infinity (which Python's JSON
+    parser accepts) as strings, else the 422 body itself could not be rendered."""
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode(errors="replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def apply_preset(preset: str, params: dict, req) -> None:

@@ -31,6 +31,7 @@ class LiveJob:
     results: list[dict] = field(default_factory=list)
     cancel_requested: bool = False
     last_write: float = 0.0
+    last_step: float | None = None  # monotonic time of the previous sampling step
 
 
 @dataclass
@@ -51,7 +52,7 @@ class JobManager:
     def __init__(self, store: JobStore, client: TritonPipelineClient, files: OutputFiles, *, webhooks=None,
                  global_webhook_url: str | None = None, concurrency: int = 2, queue_size: int = 100,
                  queue_history: int = 0, owner: str | None = None, ready_timeout_s: float = 180.0,
-                 heartbeat_s: float = 2.0, stale_after_s: float = 60.0, result_hook=None):
+                 heartbeat_s: float = 2.0, stale_after_s: float = 60.0, result_hook=None, metrics=None):
         self.store = store
         self.client = client
         self.files = files
@@ -65,6 +66,7 @@ class JobManager:
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.result_hook = result_hook  # (job record, event data, image) -> saved result dict
+        self.metrics = metrics  # frontend.metrics.Metrics or None
         self.live: dict[str, LiveJob] = {}
         self._finished_events: dict[str, asyncio.Event] = {}
         self._wakeup = asyncio.Event()
@@ -100,7 +102,11 @@ class JobManager:
         record = await asyncio.to_thread(self.store.add_if_room, job_id, job_type, params, options, self.queue_size)
         if record is None:
             self._finished_events.pop(job_id, None)
+            if self.metrics:
+                self.metrics.rejected.labels("QUEUE_IS_FULL").inc()
             return None
+        if self.metrics:
+            self.metrics.submitted.labels(job_type).inc()
         self._wakeup.set()
         return record
 
@@ -139,8 +145,10 @@ class JobManager:
                 live.cancel_requested = True
                 if live.task is not None:
                     live.task.cancel()  # closes the gRPC stream: Triton cancels the request
-            elif job_id is not None:
+            elif job_id is not None:  # a waiting job: the store ended it already
                 self._notify_finished(i)
+                if self.metrics:
+                    self.metrics.finished.labels("USER_CANCEL").inc()
         return ids
 
     async def delete(self, job_id: str) -> bool:
@@ -169,6 +177,8 @@ class JobManager:
                 continue
             live = LiveJob(record, status="Waiting for Triton ...")
             self.live[record.job_id] = live
+            if self.metrics:
+                self.metrics.job_started(record.in_queue_mills, record.start_mills)
             live.task = asyncio.create_task(self._execute(live), name=f"job-{record.job_id}")
             try:
                 await asyncio.wait({live.task})
@@ -217,10 +227,17 @@ class JobManager:
             live.status = data.get("status", live.status)
             if data.get("preview"):
                 live.preview = data["preview"]
+            if "step" in data:
+                now = time.monotonic()
+                if self.metrics and live.last_step is not None and data["step"] > 1:
+                    self.metrics.step_seconds.observe(now - live.last_step)
+                live.last_step = now
         elif kind == "result" and image is not None:
             index = int(data["image_index"])
             live.status = f"Saving image {index + 1}/{int(live.record.params.get('image_number', 1))} to system ..."
             live.results.append(await asyncio.to_thread(self.result_hook, live.record, data, image))
+            if self.metrics:
+                self.metrics.images.inc()
         now = time.monotonic()
         if now - live.last_write >= PROGRESS_WRITE_INTERVAL_S:
             live.last_write = now
@@ -233,6 +250,8 @@ class JobManager:
             await asyncio.to_thread(self.files.delete_results, live.results)
         await asyncio.to_thread(self.store.finish, record.job_id, stage, reason, status, results, progress)
         log.info("job %s: %s%s", record.job_id, reason, "" if stage == SUCCESS else f" ({status})")
+        if self.metrics:
+            self.metrics.job_finished(reason, record.start_mills)
         self._notify_finished(record.job_id)
         self._send_webhook(record, results)
         if self.queue_history:

@@ -12,11 +12,16 @@ from pipeline import presets
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    # allow_inf_nan=False: Python's JSON parser accepts NaN/Infinity, which no field can use (and
+    # which could not be written back out as JSON, e.g. in the persistent job history).
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
 
+# Fooocus-API's order (it shows in 422 messages: "Input should be 'Speed', 'Quality', ...").
+_PERFORMANCE_ORDER = ("Speed", "Quality", "Extreme Speed", "Lightning", "Hyper-SD")
+assert set(_PERFORMANCE_ORDER) == set(presets.PERFORMANCE_NAMES)
 PerformanceSelection = Enum("PerformanceSelection", {n.replace(" ", "_").replace("-", "_"): n
-                                                     for n in presets.PERFORMANCE_NAMES}, type=str)
+                                                     for n in _PERFORMANCE_ORDER}, type=str)
 
 
 class Lora(Request):
@@ -79,7 +84,8 @@ class CommonRequest(Request):
 
     prompt: str = ""
     negative_prompt: str = ""
-    style_selections: list[str] = Field(default_factory=lambda: list(presets.STYLE_DEFAULTS))
+    # Plain (copied per instance) defaults rather than factories: the OpenAPI document shows them.
+    style_selections: list[str] = Field(list(presets.STYLE_DEFAULTS))
     performance_selection: PerformanceSelection = PerformanceSelection(presets.DEFAULT_PERFORMANCE)
     aspect_ratios_selection: str = presets.DEFAULT_ASPECT_RATIO
     image_number: int = Field(1, ge=1, le=presets.MAX_IMAGE_NUMBER)
@@ -89,8 +95,8 @@ class CommonRequest(Request):
     base_model_name: str = presets.DEFAULT_BASE_MODEL
     refiner_model_name: str = "None"
     refiner_switch: float = Field(presets.DEFAULT_REFINER_SWITCH, ge=0.1, le=1.0)
-    loras: list[Lora] = Field(default_factory=default_loras)
-    advanced_params: AdvancedParams = Field(default_factory=AdvancedParams)
+    loras: list[Lora] = Field(default_loras())
+    advanced_params: AdvancedParams = Field(AdvancedParams())
     save_meta: bool = True
     meta_scheme: str = "fooocus"
     save_extension: str = "png"
@@ -186,26 +192,26 @@ class ImagePromptJson(Request):
 
 
 class Text2ImgRequestWithPrompt(CommonRequest):
-    image_prompts: list[ImagePromptJson] = Field(default_factory=list)
+    image_prompts: list[ImagePromptJson] = Field([])
 
 
 class ImgUpscaleOrVaryRequestJson(CommonRequest):
     input_image: str
     uov_method: UpscaleOrVaryMethod = UpscaleOrVaryMethod.upscale_2
     upscale_value: float | None = Field(1.0, ge=1.0, le=5.0)
-    image_prompts: list[ImagePromptJson] = Field(default_factory=list)
+    image_prompts: list[ImagePromptJson] = Field([])
 
 
 class ImgInpaintOrOutpaintRequestJson(CommonRequest):
     input_image: str = ""
     input_mask: str | None = ""
     inpaint_additional_prompt: str | None = ""
-    outpaint_selections: list[OutpaintExpansion] = Field(default_factory=list)
+    outpaint_selections: list[OutpaintExpansion] = Field([])
     outpaint_distance_left: int | None = -1
     outpaint_distance_right: int | None = -1
     outpaint_distance_top: int | None = -1
     outpaint_distance_bottom: int | None = -1
-    image_prompts: list[ImagePromptJson] = Field(default_factory=list)
+    image_prompts: list[ImagePromptJson] = Field([])
 
 
 class ImgPromptRequestJson(ImgInpaintOrOutpaintRequestJson):
@@ -296,7 +302,7 @@ class ImgUpscaleOrVaryForm(CommonRequestForm):
 
 class ImgInpaintOrOutpaintForm(CommonRequestForm):
     inpaint_additional_prompt: str | None = ""
-    outpaint_selections: list[OutpaintExpansion] = Field(default_factory=list)
+    outpaint_selections: list[OutpaintExpansion] = Field([])
     outpaint_distance_left: int = 0
     outpaint_distance_right: int = 0
     outpaint_distance_top: int = 0

@@ -30,11 +30,17 @@ class ImageTooLarge(Exception):
         self.error = error
 
 
+def field_loc(field: str) -> tuple:
+    """A dotted field name as a pydantic error location: "image_prompts.0.cn_img" ->
+    ("body", "image_prompts", 0, "cn_img") (list indexes are ints, as in pydantic's own errors)."""
+    return ("body", *(int(part) if part.isdigit() else part for part in field.split(".")))
+
+
 def image_error(error: ImageInputError) -> Exception:
     """413 for too many bytes/pixels, else a 422 that names the field."""
     if error.status == 413:
         return ImageTooLarge(error)
-    loc = ("body", *error.field.split("."))
+    loc = field_loc(error.field)
     return RequestValidationError([{"type": "value_error", "loc": loc, "msg": str(error), "input": None}])
 
 

@@ -221,6 +221,13 @@ class JobStore:
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(JobRow).where(cond))
 
+    def count_by_stage(self) -> dict[str, int]:
+        """Waiting and running jobs by stage (the queue depth)."""
+        with self.session() as s:
+            rows = s.execute(select(JobRow.stage, func.count()).where(JobRow.stage.in_(UNFINISHED))
+                             .group_by(JobRow.stage)).all()
+        return {WAITING: 0, RUNNING: 0, **{stage: n for stage, n in rows}}
+
     def last_job_id(self) -> str | None:
         with self.session() as s:
             return s.scalar(select(JobRow.job_id).order_by(JobRow.in_queue_mills.desc()).limit(1))

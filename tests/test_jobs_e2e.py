@@ -4,7 +4,6 @@ finished job calls its webhook exactly once."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
