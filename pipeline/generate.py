@@ -3,7 +3,7 @@ batch of 2), seeds s, s+1, ..., a progress event per step and the decoded image 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -12,12 +12,15 @@ import torch
 
 from .interfaces import UNET, VAE_DECODER, ModelDims
 from .models import ModelRunner
-from .samplers import SAMPLERS, SDE_SAMPLERS, BrownianTreeNoise
 from .errors import UnsupportedFeature
 from .guidance import adm_emphasized, adm_time_ids, guided_denoised
-from .schedules import SDXL_SCHEDULE, DiscreteSchedule, calculate_sigmas
+from .previews import preview_png_b64
+from .prompts import WildcardLibrary, process_prompts
+from .samplers import ANCESTRAL_SAMPLERS, SAMPLERS, SCHEDULE_SAMPLERS, SDE_SAMPLERS, BrownianTreeNoise
+from .schedules import DiscreteSchedule, calculate_sigmas, lcm_denoised, model_sampling_for
+from .styles import EXPANSION_STYLE, StyleLibrary
 from .task import GenerationTask
-from .text import ClipTokenizer, encode_prompt, match_lengths
+from .text import ClipTokenizer, PromptEncoder, match_lengths
 
 # Fooocus's progress bar: 0-15 % preparation, 15-100 % sampling steps across all images.
 PROGRESS_SAMPLING_START = 15
@@ -36,14 +39,18 @@ class Pipeline:
     models: ModelRunner
     tokenizer: ClipTokenizer
     dims: ModelDims
-    schedule: DiscreteSchedule = SDXL_SCHEDULE
+    styles: StyleLibrary = field(default_factory=StyleLibrary.builtin)
+    wildcards: WildcardLibrary | None = None
 
     @classmethod
-    def from_dir(cls, pipeline_dir: str | Path, models: ModelRunner) -> "Pipeline":
-        """`pipeline_dir` is what the exporter writes: model_info.json and tokenizer.json."""
+    def from_dir(cls, pipeline_dir: str | Path, models: ModelRunner, styles_dir: str | Path | None = None,
+                 wildcards_dir: str | Path | None = None) -> "Pipeline":
+        """`pipeline_dir` is what the exporter writes: model_info.json and tokenizer.json. Optional
+        folders of Fooocus-format style files and of wildcard files extend the built-ins."""
         pipeline_dir = Path(pipeline_dir)
         info = json.loads((pipeline_dir / "model_info.json").read_text())
-        return cls(models, ClipTokenizer(pipeline_dir / "tokenizer.json"), ModelDims.from_json(info["dims"]))
+        return cls(models, ClipTokenizer(pipeline_dir / "tokenizer.json"), ModelDims.from_json(info["dims"]),
+                   StyleLibrary.from_folder(styles_dir), WildcardLibrary.from_dir(wildcards_dir))
 
     def run(self, task: GenerationTask, emit: Emit, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         """Generate every image of the task. Emits progress events and, per image, a result event
@@ -52,55 +59,78 @@ class Pipeline:
         sampler = SAMPLERS.get(task.sampler)
         if sampler is None:
             raise UnsupportedFeature(f"sampler '{task.sampler}' is not supported by this server yet")
+        schedule, parameterisation = model_sampling_for(task.scheduler)
+        if parameterisation == "edm":
+            raise UnsupportedFeature("the edm_playground_v2.5 scheduler needs a Playground v2.5 checkpoint "
+                                     "(EDM model and latent format), which this server does not serve")
         width, height = task.size
-        steps = task.steps
         seeds = task.image_seeds()
-        sigmas = calculate_sigmas(task.scheduler, steps, schedule=self.schedule)
+        sigmas = calculate_sigmas(task.scheduler, task.steps, schedule=schedule, sampler=task.sampler)
+        steps = len(sigmas) - 1  # ddim_uniform and turbo may differ from the requested count
         total_steps = steps * len(seeds)
+        previews = not task.adv("disable_preview", False)
 
         emit({"type": "progress", "progress": 1, "status": "Initializing ..."}, None)
-        cond, pooled = encode_prompt(task.prompt, self.tokenizer, self.models, task.clip_skip)
-        if task.cfg == 1.0:  # Fooocus never encodes the negative prompt at CFG 1
-            uncond, pooled_neg = cond, pooled
-        else:
-            uncond, pooled_neg = encode_prompt(task.negative_prompt, self.tokenizer, self.models, task.clip_skip)
-        cond, uncond = match_lengths(cond, uncond)
-        denoise = self._denoiser(task, cond, uncond, pooled, pooled_neg, width, height)
+        fields = {**task.extra, "prompt": task.prompt, "negative_prompt": task.negative_prompt,
+                  "advanced_params": task.advanced_params}
+        encoder = PromptEncoder(self.tokenizer, self.models, task.clip_skip)  # caches texts for this task
+        plans = [process_prompts(fields, i, s, self.styles, self.wildcards) for i, s in enumerate(seeds)]
 
-        for index, seed in enumerate(seeds):
+        for index, (seed, plan) in enumerate(zip(seeds, plans)):
             if is_cancelled():
                 raise Cancelled()
             emit({"type": "progress", "progress": PROGRESS_SAMPLING_START + (85 * steps * index) // total_steps,
                   "status": f"Preparing task {index + 1}/{len(seeds)} ..."}, None)
+            cond, pooled = encoder(plan.positive_texts, plan.positive_top_k)
+            if abs(task.cfg - 1.0) < 1e-4:  # Fooocus never encodes the negative prompt at CFG 1
+                uncond, pooled_neg = cond, pooled
+            else:
+                uncond, pooled_neg = encoder(plan.negative_texts, plan.negative_top_k)
+            cond, uncond = match_lengths(cond, uncond)
+            denoise = self._denoiser(task, schedule, parameterisation, cond, uncond, pooled, pooled_neg,
+                                     width, height)
             latent_shape = (1, self.dims.latent_channels, height // self.dims.vae_scale_factor,
                             width // self.dims.vae_scale_factor)
-            noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-            x = noise * initial_noise_scale(sigmas, self.schedule)
-            noise_sampler = None
+            # One generator per image: the initial latent, then (ancestral samplers) each step's noise.
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
+            x = noise * initial_noise_scale(sigmas, schedule)
+            kwargs = {}
             if task.sampler in SDE_SAMPLERS:
                 positive = sigmas[sigmas > 0]
-                noise_sampler = BrownianTreeNoise(x, float(positive.min()), float(positive.max()), seed)
+                kwargs["noise_sampler"] = BrownianTreeNoise(x, float(positive.min()), float(positive.max()), seed)
+            elif task.sampler in ANCESTRAL_SAMPLERS:
+                kwargs["generator"] = generator
+            if task.sampler in SCHEDULE_SAMPLERS:
+                kwargs["schedule"] = schedule
 
-            def on_step(i, _x, _denoised, index=index):
+            def on_step(i, _x, denoised, index=index):
                 if is_cancelled():
                     raise Cancelled()
-                done = steps * index + i + 1
-                emit({"type": "progress", "progress": PROGRESS_SAMPLING_START + (85 * done) // total_steps,
-                      "status": f"Step {i + 1}/{steps} in the {index + 1}-th Sampling",
-                      "step": i + 1, "steps": steps, "image_index": index}, None)
+                step = min(i + 1, steps)  # adaptive samplers may call back more often than planned
+                done = steps * index + step
+                event = {"type": "progress", "progress": PROGRESS_SAMPLING_START + (85 * done) // total_steps,
+                         "status": f"Step {step}/{steps} in the {index + 1}-th Sampling",
+                         "step": step, "steps": steps, "image_index": index}
+                if previews:
+                    event["preview"] = preview_png_b64(denoised)
+                emit(event, None)
 
-            latent = sampler(denoise, x, sigmas, callback=on_step, noise_sampler=noise_sampler)
+            latent = sampler(denoise, x, sigmas, callback=on_step, **kwargs)
             image = self.decode(latent)
             emit({"type": "result", "image_index": index, "seed": str(seed), "width": width, "height": height,
-                  "steps": steps, "sampler": task.sampler, "scheduler": task.scheduler}, image)
+                  "steps": steps, "sampler": task.sampler, "scheduler": task.scheduler,
+                  "full_prompt": list(plan.full_prompt), "full_negative_prompt": list(plan.full_negative_prompt),
+                  # Fooocus V2 (prompt expansion) is not served yet: no expansion text, and not listed.
+                  "styles": [s for s in plan.styles if s != EXPANSION_STYLE]}, image)
 
-    def _denoiser(self, task: GenerationTask, cond, uncond, pooled, pooled_neg, width: int, height: int):
+    def _denoiser(self, task: GenerationTask, schedule, parameterisation: str, cond, uncond, pooled, pooled_neg,
+                  width: int, height: int):
         """D(x, sigma): Fooocus's guidance around one UNet call (CFG folded into a batch of 2)."""
-        schedule = self.schedule
         cfg, sharpness, adaptive = task.cfg, task.sharpness_value, task.adaptive_cfg
         adm_pos, adm_neg, adm_end = task.adm_scalers
         emph_pos, emph_neg, consistent = adm_time_ids(width, height, adm_pos, adm_neg)
-        single = cfg == 1.0  # Fooocus evaluates only the positive prompt at CFG 1
+        single = abs(cfg - 1.0) < 1e-4  # Fooocus evaluates only the positive prompt at CFG 1
         context = cond if single else torch.cat([cond, uncond])
         text_embeds = pooled if single else torch.cat([pooled, pooled_neg])
 
@@ -115,7 +145,10 @@ class Pipeline:
                 "sample": (x * c_in).repeat(batch, 1, 1, 1), "timestep": timestep.repeat(batch),
                 "encoder_hidden_states": context, "text_embeds": text_embeds, "time_ids": ids,
             })["noise_pred"]
-            denoised = x - sigma * eps
+            if parameterisation == "lcm":  # LCM's consistency parameterisation (Extreme Speed)
+                denoised = lcm_denoised(x, sigma, eps, timestep)
+            else:
+                denoised = x - sigma * eps
             if single:
                 return denoised
             return guided_denoised(x, denoised[:1], denoised[1:], cfg, float(timestep), sharpness, adaptive)

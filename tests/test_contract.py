@@ -495,7 +495,7 @@ def test_save_extension_writes_that_format(served, ext):
 @pytest.mark.parametrize("scheme", ["fooocus", "a1111"])
 def test_save_meta_embeds_parameters_in_the_png(served, scheme):
     (result,) = generate(served.client, prompt="a meta cat", negative_prompt="dog", image_seed=77,
-                         save_meta=True, meta_scheme=scheme)
+                         save_meta=True, meta_scheme=scheme, style_selections=["Fooocus Sharp"])
     image = Image.open(io.BytesIO(fetch(served, result["url"]).content))
     text = image.info["parameters"]
     assert image.info["fooocus_scheme"] == scheme
@@ -503,10 +503,13 @@ def test_save_meta_embeds_parameters_in_the_png(served, scheme):
         data = json.loads(text)
         assert data["prompt"] == "a meta cat" and data["negative_prompt"] == "dog"
         assert data["seed"] == "77" and data["resolution"] == "(256, 256)" and data["steps"] == 2
-        assert data["metadata_scheme"] == "fooocus"
+        assert data["metadata_scheme"] == "fooocus" and data["styles"] == "['Fooocus Sharp']"
+        # the style's template wraps the prompt in the full prompt Fooocus records
+        assert data["full_prompt"][0] != "a meta cat" and "a meta cat" in data["full_prompt"][0]
     else:
-        assert text.startswith("a meta cat")
-        assert "\nNegative prompt: dog" in text
+        assert "a meta cat" in text.split("\n")[0]
+        negative_line = next(line for line in text.split("\n") if line.startswith("Negative prompt: "))
+        assert "dog" in negative_line
         assert "Steps: 2" in text and "Seed: 77" in text and "Size: 256x256" in text
 
 

@@ -153,3 +153,61 @@ def test_ping_and_job_queue(served):
     queue = served.client.get("/v1/generation/job-queue").json()
     assert set(queue) == {"running_size", "finished_size", "last_job_id"}
     assert queue["finished_size"] >= 0
+
+
+SAMPLER_NAMES_SERVED = [s for s in __import__("pipeline.presets", fromlist=["x"]).SAMPLER_NAMES]
+SCHEDULER_NAMES_SERVED = [s for s in __import__("pipeline.presets", fromlist=["x"]).SCHEDULER_NAMES
+                          if s != "edm_playground_v2.5"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES_SERVED)
+def test_every_sampler_runs_end_to_end(served, sampler):
+    (result,) = generate(served, image_seed=5, aspect_ratios_selection="128*128",
+                         advanced_params={"overwrite_step": 4, "sampler_name": sampler})
+    assert result["finish_reason"] == "SUCCESS", sampler
+    assert Image.open(io.BytesIO(fetch_png(served, result["url"]))).size == (128, 128)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES_SERVED)
+def test_every_scheduler_runs_end_to_end(served, scheduler):
+    r = served.client.post("/v1/generation/text-to-image", json={
+        "prompt": "a cat", "aspect_ratios_selection": "128*128", "image_seed": 5, "async_process": True,
+        "advanced_params": {"overwrite_step": 4, "scheduler_name": scheduler, "sampler_name": "euler"}})
+    job = served.wait_job(r.json()["job_id"])
+    assert job["job_stage"] == "SUCCESS", (scheduler, job["job_status"])
+
+
+def test_playground_scheduler_needs_a_playground_checkpoint(served):
+    r = served.client.post("/v1/generation/text-to-image", json={
+        "prompt": "a cat", "aspect_ratios_selection": "128*128", "async_process": True,
+        "advanced_params": {"scheduler_name": "edm_playground_v2.5"}})
+    job = served.wait_job(r.json()["job_id"])
+    assert job["job_stage"] == "ERROR" and "Playground" in job["job_status"]
+
+
+@pytest.mark.parametrize("disable_preview", [False, True])
+def test_step_preview_while_running(served, disable_preview):
+    import base64
+
+    r = served.client.post("/v1/generation/text-to-image", json={
+        "prompt": "a cat", "aspect_ratios_selection": "512*384", "async_process": True,
+        "advanced_params": {"overwrite_step": 60, "disable_preview": disable_preview}})
+    job_id = r.json()["job_id"]
+    preview = None
+    while True:
+        job = served.client.get("/v1/generation/query-job",
+                                params={"job_id": job_id, "require_step_preview": True}).json()
+        if job["job_stage"] == "RUNNING" and (job["job_status"] or "").startswith("Step"):
+            preview = job["job_step_preview"]
+            if preview or disable_preview:
+                break
+        assert job["job_stage"] != "ERROR", job
+        time.sleep(0.05)
+    served.client.post("/v1/generation/stop", json={"job_id": job_id})
+    if disable_preview:
+        assert preview is None
+    else:
+        image = Image.open(io.BytesIO(base64.b64decode(preview)))  # raw base64 PNG, no data: prefix
+        assert image.format == "PNG" and image.size == (128, 96)
+    no_preview = served.client.get("/v1/generation/query-job", params={"job_id": job_id}).json()
+    assert no_preview["job_step_preview"] is None
