@@ -81,6 +81,9 @@ def write_repository(repo: Path, onnx_paths: dict[str, Path] | None, dims: Model
             shutil.copy2(PROJECT_MODELS / "python_torch_leaf" / "1" / "model.py", version / "model.py")
         else:
             shutil.copy2(onnx_paths[name], version / "model.onnx")
+            weights = Path(str(onnx_paths[name]) + ".data")  # external weights of a >1 GiB model keep
+            if weights.exists():                              # the file name the graph refers to
+                shutil.copy2(weights, version / weights.name)
         if target == "python-ort":
             shutil.copy2(PROJECT_MODELS / "python_ort_leaf" / "1" / "model.py", version / "model.py")
         checkpoint = str(Path(checkpoint_dir).resolve()) if checkpoint_dir else ""

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
             triton_url=triton_url, base_url=base_url, output_dir=args.output_dir, database_url=args.database_url,
             concurrency=args.concurrency, queue_size=args.queue_size, queue_history=args.queue_history,
             webhook_url=args.webhook_url, persistent=args.persistent, apikey=args.apikey, preset=args.preset,
-            instance_id=args.instance_id or f"{display_host}:{args.port}",
+            instance_id=args.instance_id or f"{socket.gethostname()}:{args.port}",
             allow_private_urls=args.allow_private_urls, max_upload_bytes=int(args.max_upload_mb * 2**20),
             max_image_pixels=int(args.max_image_megapixels * 1e6), checkpoints_dir=args.checkpoints_dir,
             loras_dir=args.loras_dir,

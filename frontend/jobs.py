@@ -186,8 +186,15 @@ class JobManager:
                 self.live.pop(record.job_id, None)
 
     async def _heartbeat(self) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(self.heartbeat_s)
+            beats += 1
+            if beats % 15 == 0:  # jobs of a replica that vanished end as interrupted
+                try:
+                    await asyncio.to_thread(self.store.recover, "", int(self.stale_after_s * 1000))
+                except Exception:
+                    log.exception("stale-job recovery failed")
             try:
                 cancelled = await asyncio.to_thread(self.store.heartbeat, list(self.live))
             except Exception:
