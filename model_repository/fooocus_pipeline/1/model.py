@@ -29,7 +29,9 @@ class TritonModels:
     def __call__(self, model, inputs):
         request = pb_utils.InferenceRequest(
             model_name=model, requested_output_names=self.output_names[model],
-            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v.numpy())) for k, v in inputs.items()])
+            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v.numpy())) for k, v in inputs.items()],
+            # The core computes on the host: GPU leaves (python-torch, TensorRT) hand back host tensors.
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
