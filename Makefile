@@ -30,7 +30,7 @@ test: model-repository
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: model-repository
-	$(PY) -m tests.benchmarks.bench_text_to_image $(ARGS)
+	$(PY) -m tests.benchmarks.bench_text_to_image --repeats 3 $(ARGS)
 
 clean:
 	rm -rf build outputs
