@@ -13,6 +13,10 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The workspace's shared fixtures sit beside the checkout (CI clones the project next to shared/).
+FIXTURE_IMAGES = next((p for p in (ROOT.parent / "shared" / "fixtures" / "images",
+                                   Path("/work/shared/fixtures/images")) if p.is_dir()),
+                      ROOT.parent / "shared" / "fixtures" / "images")
 
 
 def free_port() -> int:

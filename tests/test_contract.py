@@ -25,7 +25,9 @@ from PIL import Image
 
 from tests.conftest import served_frontend
 
-IMAGES = Path("/work/shared/fixtures/images")
+from .conftest import FIXTURE_IMAGES  # noqa: E402
+
+IMAGES = FIXTURE_IMAGES
 
 SMALL = {"aspect_ratios_selection": "256*256", "advanced_params": {"overwrite_step": 2}}
 SMALL_FORM = {"aspect_ratios_selection": "256*256", "advanced_params": json.dumps({"overwrite_step": 2})}

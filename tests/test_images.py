@@ -15,7 +15,6 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -26,7 +25,9 @@ from starlette.datastructures import UploadFile
 from frontend import images, netguard
 from frontend.images import ImageInputError, ImageLimits
 
-FIXTURES = Path("/work/shared/fixtures/images")
+from .conftest import FIXTURE_IMAGES  # noqa: E402
+
+FIXTURES = FIXTURE_IMAGES
 BEAR = (FIXTURES / "bear.jpg").read_bytes()
 BEAR_PIXELS = np.asarray(Image.open(io.BytesIO(BEAR)).convert("RGB"))
 FIELD = "image_prompts.0.cn_img"
