@@ -42,7 +42,21 @@ from .errors import UnsupportedFeature
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-class DiscreteSchedule:
+class SigmaTable:
+    """A model's sigmas, ascending; the range every schedule is drawn from."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+
+class DiscreteSchedule(SigmaTable):
     """SDXL's sigma table with the timestep <-> sigma maps of an epsilon-prediction model
     (Comfy's ModelSamplingDiscrete)."""
 
@@ -52,14 +66,6 @@ class DiscreteSchedule:
         self.alphas_cumprod = alphas_cumprod.float()
         self.sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
         self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     @property
     def t_max(self) -> float:
@@ -108,7 +114,7 @@ class DistilledSchedule(DiscreteSchedule):
         return self._interp_log_sigma(idx)
 
 
-class EDMSchedule:
+class EDMSchedule(SigmaTable):
     """Continuous EDM model sampling (Karras et al. 2022; Comfy's ModelSamplingContinuousEDM) as
     Fooocus sets it up for Playground v2.5: sigma in [0.002, 120], sigma_data = 0.5,
     timestep(sigma) = 0.25 ln(sigma). sigma_min/max are the ends of Comfy's float32 table
@@ -118,14 +124,6 @@ class EDMSchedule:
         self.sigma_data = sigma_data
         self.sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), NUM_TRAIN_TIMESTEPS).exp()
         self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return 0.25 * sigma.log()
