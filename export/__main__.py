@@ -61,15 +61,16 @@ def export_checkpoint(checkpoint: Path, onnx_dir: Path) -> Path:
 
 
 def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: str = "cpu") -> Path:
-    from pipeline.interfaces import LEAF_MODEL_NAMES, ModelDims
+    from pipeline.interfaces import ModelDims, leaf_specs
 
     from .repository import write_repository
 
     meta = json.loads((onnx_dir / "dims.json").read_text())
+    dims = ModelDims.from_json(meta["dims"])
     if repo.exists():
         shutil.rmtree(repo)
-    return write_repository(repo, {n: onnx_dir / f"{n}.onnx" for n in LEAF_MODEL_NAMES},
-                            ModelDims.from_json(meta["dims"]), onnx_dir / "tokenizer.json",
+    return write_repository(repo, {n: onnx_dir / f"{n}.onnx" for n in leaf_specs(dims)},
+                            dims, onnx_dir / "tokenizer.json",
                             target=target, checkpoint_name=meta["checkpoint"], device=device)
 
 

@@ -18,9 +18,25 @@ class SDXLComponents:
     unet: object  # diffusers UNet2DConditionModel
     vae: object  # diffusers AutoencoderKL
     name: str
+    expansion: object = None  # transformers GPT2LMHeadModel (Fooocus V2), when the checkpoint has one
 
 
-def load_checkpoint(path: str | Path) -> SDXLComponents:
+EXPANSION_DIR = "prompt_expansion"
+
+
+def load_expansion(path: str | Path):
+    """A prompt-expansion GPT-2 from a transformers folder (config.json + weights), e.g. Fooocus's
+    `models/prompt_expansion/fooocus_expansion` with `fooocus_expansion.bin` saved as
+    `pytorch_model.bin`."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True).eval().float()
+
+
+def load_checkpoint(path: str | Path, expansion: str | Path | None = None) -> SDXLComponents:
+    """`expansion`: a folder with a prompt-expansion GPT-2; by default `<path>/prompt_expansion`
+    when `path` is a diffusers folder that has one. Without it there is no expansion leaf (and
+    "Fooocus V2" requests get no expansion text)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,7 +59,10 @@ def load_checkpoint(path: str | Path) -> SDXLComponents:
         raise ValueError(f"{path}: expected a diffusers folder or a .safetensors/.ckpt file")
     for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae):
         module.eval().float()
-    return SDXLComponents(pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae, path.name)
+    if expansion is None and path.is_dir() and (path / EXPANSION_DIR / "config.json").exists():
+        expansion = path / EXPANSION_DIR
+    gpt2 = load_expansion(expansion) if expansion is not None else None
+    return SDXLComponents(pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae, path.name, gpt2)
 
 
 def model_dims(c: SDXLComponents):
@@ -51,6 +70,10 @@ def model_dims(c: SDXLComponents):
 
     unet_levels = len(c.unet.config.block_out_channels)
     vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    extra = {"size_multiple": vae_factor * 2 ** (unet_levels - 1)}
+    if c.expansion is not None:  # Fooocus V2's GPT-2: the repository gets a prompt_expansion leaf
+        extra["expansion_vocab"] = int(c.expansion.config.vocab_size)
+        extra["expansion_positions"] = int(c.expansion.config.n_positions)
     return ModelDims(
         text_l_hidden=c.text_encoder.config.hidden_size,
         text_l_layers=c.text_encoder.config.num_hidden_layers,
@@ -60,5 +83,5 @@ def model_dims(c: SDXLComponents):
         latent_channels=c.unet.config.in_channels,
         vae_scale_factor=vae_factor,
         vae_scaling_factor=float(c.vae.config.scaling_factor),
-        extra={"size_multiple": vae_factor * 2 ** (unet_levels - 1)},
+        extra=extra,
     )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.interfaces import (TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET, VAE_DECODER,
-                                 VAE_ENCODER, ModelDims, leaf_specs)
+from pipeline.interfaces import (PROMPT_EXPANSION, TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET,
+                                 VAE_DECODER, VAE_ENCODER, ModelDims, leaf_specs)
 from pipeline.torch_leaves import torch_modules
 
 from .checkpoint import SDXLComponents
@@ -39,6 +39,8 @@ def example_inputs(name: str, dims: ModelDims, batch: int = 2, latent_hw=(16, 24
         return {"image": torch.rand(batch, 3, h * dims.vae_scale_factor, w * dims.vae_scale_factor, generator=g) * 2 - 1}
     if name == VAE_DECODER:
         return {"latent": torch.randn(batch, c, h, w, generator=g)}
+    if name == PROMPT_EXPANSION:  # the sequence length differs with the batch: export 2x16, parity 1x13
+        return {"input_ids": torch.randint(0, int(dims.expansion_vocab) - 2, (batch, 10 + 3 * batch), generator=g)}
     raise KeyError(name)
 
 
@@ -60,6 +62,8 @@ def _dynamic_shapes(name: str, dims: ModelDims) -> dict:
         return {"image": {0: batch, 2: f * Dim("ih", min=1, max=512), 3: f * Dim("iw", min=1, max=512)}}
     if name == VAE_DECODER:
         return {"latent": latent}
+    if name == PROMPT_EXPANSION:  # the dynamo exporter: the legacy one exports GPT-2 wrongly
+        return {"input_ids": {0: batch, 1: Dim("sequence", min=2, max=dims.expansion_positions)}}
     raise KeyError(name)
 
 

@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.interfaces import LEAF_MODEL_NAMES, PIPELINE_SPEC, ModelDims, ModelSpec, TensorSpec, leaf_specs
+from pipeline.interfaces import PIPELINE_SPEC, ModelDims, ModelSpec, TensorSpec, leaf_specs
 
 PROJECT_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
 TARGETS = ("python-ort", "onnxruntime", "tensorrt", "python-torch")
@@ -73,8 +73,8 @@ def write_repository(repo: Path, onnx_paths: dict[str, Path] | None, dims: Model
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be cpu or gpu, got {device!r}")
     repo.mkdir(parents=True, exist_ok=True)
-    specs = leaf_specs(dims)
-    for name in LEAF_MODEL_NAMES:
+    specs = leaf_specs(dims)  # the SDXL leaves, plus prompt_expansion when the checkpoint has one
+    for name in specs:
         version = repo / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         if target == "python-torch":

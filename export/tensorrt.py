@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.interfaces import (TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET, VAE_DECODER,
-                                 VAE_ENCODER, ModelDims, leaf_specs)
+from pipeline.interfaces import (PROMPT_EXPANSION, TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET,
+                                 VAE_DECODER, VAE_ENCODER, ModelDims, leaf_specs)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ def leaf_profiles(dims: ModelDims, s: ProfileSettings = ProfileSettings()) -> di
         "sequence": (TOKENS_PER_CHUNK, TOKENS_PER_CHUNK, TOKENS_PER_CHUNK * s.max_chunks),
     }
     text_batch = (1, 1, s.max_batch * s.max_chunks)
+    # The expansion GPT-2 runs one prompt at a time over its whole sequence (up to n_positions).
+    positions = dims.expansion_positions
+    expansion_axes = {"batch": (1, 1, s.max_batch), "sequence": (1, min(TOKENS_PER_CHUNK, positions), positions)}
     out = {}
     for name, spec in leaf_specs(dims).items():
         shapes = {}
@@ -68,6 +71,8 @@ def leaf_profiles(dims: ModelDims, s: ProfileSettings = ProfileSettings()) -> di
                         shape.append(d)
                     elif d == "batch" and name in (TEXT_ENCODER_L, TEXT_ENCODER_G):
                         shape.append(text_batch[k])
+                    elif name == PROMPT_EXPANSION:
+                        shape.append(expansion_axes[d][k])
                     else:
                         shape.append(axes[d][k])
                 triple.append(tuple(shape))

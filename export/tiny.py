@@ -17,6 +17,19 @@ TINY_SEED = 0
 TEXT_HIDDEN = 32
 POOLED_DIM = 32
 TIME_EMBED_DIM = 8
+EXPANSION_DIR = "prompt_expansion"  # beside the diffusers pipeline's folders
+
+
+def build_tiny_expansion(seed: int = TINY_SEED):
+    """Fooocus V2's prompt-expansion GPT-2, tiny and seeded, on CLIP's vocabulary (it reuses the
+    CLIP tokenizer, so no GPT-2 vocabulary is needed offline)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed + 4)
+    config = GPT2Config(vocab_size=49408, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=49406, eos_token_id=49407)
+    return GPT2LMHeadModel(config).eval()
 
 
 def build_tiny_sdxl(seed: int = TINY_SEED):
@@ -66,4 +79,6 @@ def build_tiny_sdxl(seed: int = TINY_SEED):
 def save_tiny_sdxl(out_dir: Path, seed: int = TINY_SEED) -> Path:
     pipe = build_tiny_sdxl(seed)
     pipe.save_pretrained(out_dir)
+    # diffusers' save_pretrained does not know the expansion model: a folder of its own.
+    build_tiny_expansion(seed).save_pretrained(Path(out_dir) / EXPANSION_DIR)
     return out_dir

@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .interfaces import UNET, VAE_DECODER, ModelDims
+from .expansion import ExpansionTokenizer, PromptExpander, read_words
+from .interfaces import PROMPT_EXPANSION, UNET, VAE_DECODER, ModelDims, leaf_specs
 from .models import ModelRunner
 from .errors import UnsupportedFeature
 from .guidance import adm_emphasized, adm_time_ids, guided_denoised
@@ -41,16 +42,42 @@ class Pipeline:
     dims: ModelDims
     styles: StyleLibrary = field(default_factory=StyleLibrary.builtin)
     wildcards: WildcardLibrary | None = None
+    # Fooocus V2: the expansion model's tokenizer and allowed words; None when the repository has
+    # no `prompt_expansion` leaf (requests with "Fooocus V2" then get no expansion).
+    expansion_tokenizer: ExpansionTokenizer | None = None
+    expansion_words: list[str] | None = None
+    _expander: PromptExpander | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_dir(cls, pipeline_dir: str | Path, models: ModelRunner, styles_dir: str | Path | None = None,
-                 wildcards_dir: str | Path | None = None) -> "Pipeline":
+                 wildcards_dir: str | Path | None = None, expansion_words: str | Path | None = None) -> "Pipeline":
         """`pipeline_dir` is what the exporter writes: model_info.json and tokenizer.json. Optional
-        folders of Fooocus-format style files and of wildcard files extend the built-ins."""
+        folders of Fooocus-format style files and of wildcard files extend the built-ins. The
+        expansion's allowed words: `expansion_words` (a file, one word per line), else
+        `<pipeline_dir>/expansion_words.txt` when present, else the shipped list."""
         pipeline_dir = Path(pipeline_dir)
         info = json.loads((pipeline_dir / "model_info.json").read_text())
-        return cls(models, ClipTokenizer(pipeline_dir / "tokenizer.json"), ModelDims.from_json(info["dims"]),
-                   StyleLibrary.from_folder(styles_dir), WildcardLibrary.from_dir(wildcards_dir))
+        dims = ModelDims.from_json(info["dims"])
+        tokenizer, words = None, None
+        if PROMPT_EXPANSION in leaf_specs(dims):
+            path = pipeline_dir / "expansion_tokenizer.json"
+            tokenizer = ExpansionTokenizer(path if path.exists() else pipeline_dir / "tokenizer.json")
+            if tokenizer.vocab_size != dims.expansion_vocab:  # e.g. a GPT-2 vocabulary without its tokenizer
+                tokenizer = None
+            local = pipeline_dir / "expansion_words.txt"
+            words = read_words(expansion_words or (local if local.exists() else None))
+        return cls(models, ClipTokenizer(pipeline_dir / "tokenizer.json"), dims,
+                   StyleLibrary.from_folder(styles_dir), WildcardLibrary.from_dir(wildcards_dir),
+                   tokenizer, words)
+
+    @property
+    def expander(self) -> PromptExpander | None:
+        """Fooocus V2 over the `prompt_expansion` leaf, or None when this repository has none."""
+        if self._expander is None and self.expansion_tokenizer is not None:
+            self._expander = PromptExpander(lambda name, inputs: self.models(name, inputs), self.expansion_tokenizer,
+                                            int(self.dims.expansion_vocab), self.expansion_words,
+                                            self.dims.expansion_positions)
+        return self._expander
 
     def run(self, task: GenerationTask, emit: Emit, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         """Generate every image of the task. Emits progress events and, per image, a result event
@@ -75,6 +102,11 @@ class Pipeline:
                   "advanced_params": task.advanced_params}
         encoder = PromptEncoder(self.tokenizer, self.models, task.clip_skip)  # caches texts for this task
         plans = [process_prompts(fields, i, s, self.styles, self.wildcards) for i, s in enumerate(seeds)]
+        expander = self.expander if any(p.use_expansion for p in plans) else None
+        if expander is not None:
+            emit({"type": "progress", "progress": 1, "status": "Preparing Fooocus text ..."}, None)
+            plans = [p.with_expansion(expander(p.expansion_prompt, p.expansion_seed)) if p.use_expansion else p
+                     for p in plans]
 
         for index, (seed, plan) in enumerate(zip(seeds, plans)):
             if is_cancelled():
@@ -121,8 +153,9 @@ class Pipeline:
             emit({"type": "result", "image_index": index, "seed": str(seed), "width": width, "height": height,
                   "steps": steps, "sampler": task.sampler, "scheduler": task.scheduler,
                   "full_prompt": list(plan.full_prompt), "full_negative_prompt": list(plan.full_negative_prompt),
-                  # Fooocus V2 (prompt expansion) is not served yet: no expansion text, and not listed.
-                  "styles": [s for s in plan.styles if s != EXPANSION_STYLE]}, image)
+                  "prompt_expansion": plan.prompt_expansion,
+                  # "Fooocus V2" is listed only when the expansion ran (not without an expansion leaf).
+                  "styles": [s for s in plan.styles if s != EXPANSION_STYLE or plan.expansion is not None]}, image)
 
     def _denoiser(self, task: GenerationTask, schedule, parameterisation: str, cond, uncond, pooled, pooled_neg,
                   width: int, height: int):

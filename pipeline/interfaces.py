@@ -18,7 +18,11 @@ TEXT_ENCODER_G = "text_encoder_g"
 UNET = "unet"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
-LEAF_MODEL_NAMES = (TEXT_ENCODER_L, TEXT_ENCODER_G, UNET, VAE_ENCODER, VAE_DECODER)
+PROMPT_EXPANSION = "prompt_expansion"  # optional: Fooocus V2's GPT-2 (only when the checkpoint has one)
+# Every leaf the project knows. A repository holds those `leaf_specs(dims)` lists: the SDXL five
+# always, `prompt_expansion` only when the exported checkpoint came with an expansion model.
+LEAF_MODEL_NAMES = (TEXT_ENCODER_L, TEXT_ENCODER_G, UNET, VAE_ENCODER, VAE_DECODER, PROMPT_EXPANSION)
+OPTIONAL_LEAF_NAMES = (PROMPT_EXPANSION,)
 
 TOKENS_PER_CHUNK = 77  # CLIP context: BOS + 75 tokens + EOS
 ADD_TIME_IDS = 6  # SDXL micro-conditioning: orig (h, w), crop (top, left), target (h, w)
@@ -59,6 +63,18 @@ class ModelDims:
     extra: dict = field(default_factory=dict)
 
     @property
+    def expansion_vocab(self) -> int | None:
+        """Vocabulary size of the prompt-expansion GPT-2, or None when the checkpoint has none
+        (kept in `extra` so repositories written before it still load)."""
+        vocab = self.extra.get("expansion_vocab")
+        return int(vocab) if vocab else None
+
+    @property
+    def expansion_positions(self) -> int:
+        """The expansion model's context length (GPT-2's n_positions)."""
+        return int(self.extra.get("expansion_positions", 1024))
+
+    @property
     def context_dim(self) -> int:
         return self.text_l_hidden + self.text_g_hidden
 
@@ -76,11 +92,13 @@ def leaf_specs(d: ModelDims) -> dict[str, ModelSpec]:
     Text encoders return every hidden state stacked on axis 1 (index 0 = embeddings,
     index -k = CLIP skip k), so one export serves any clip_skip. `text_embeds` is CLIP-G's
     projected pooled output. The UNet predicts epsilon; the VAE works on unscaled latents
-    (the pipeline applies `vae_scaling_factor`) and images in [-1, 1].
+    (the pipeline applies `vae_scaling_factor`) and images in [-1, 1]. `prompt_expansion` (only
+    when `d.expansion_vocab` is set) is GPT-2 without KV cache: token ids in, next-token logits
+    at every position out.
     """
     c = d.latent_channels
     ids = TensorSpec("input_ids", "int64", ("batch", TOKENS_PER_CHUNK))
-    return {
+    specs = {
         TEXT_ENCODER_L: ModelSpec(
             TEXT_ENCODER_L,
             (ids,),
@@ -118,6 +136,13 @@ def leaf_specs(d: ModelDims) -> dict[str, ModelSpec]:
             (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
         ),
     }
+    if d.expansion_vocab:
+        specs[PROMPT_EXPANSION] = ModelSpec(
+            PROMPT_EXPANSION,
+            (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+            (TensorSpec("logits", "float32", ("batch", "sequence", d.expansion_vocab)),),
+        )
+    return specs
 
 
 # The decoupled pipeline model: one JSON task in, a stream of JSON events out. A result event

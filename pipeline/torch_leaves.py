@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .interfaces import TEXT_ENCODER_G, TEXT_ENCODER_L, UNET, VAE_DECODER, VAE_ENCODER
+from .interfaces import PROMPT_EXPANSION, TEXT_ENCODER_G, TEXT_ENCODER_L, UNET, VAE_DECODER, VAE_ENCODER
 
 
 class TextEncoderL(torch.nn.Module):
@@ -57,19 +57,34 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
+class PromptExpansion(torch.nn.Module):
+    """GPT-2 without KV cache: logits at every position of the full sequence."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False, return_dict=True).logits
+
+
 def torch_modules(c) -> dict[str, torch.nn.Module]:
-    """Each leaf model as a torch module with exactly the leaf interface's inputs and outputs."""
-    return {
+    """Each leaf model as a torch module with exactly the leaf interface's inputs and outputs
+    (`prompt_expansion` only when the checkpoint has an expansion model)."""
+    modules = {
         TEXT_ENCODER_L: TextEncoderL(c.text_encoder).eval(),
         TEXT_ENCODER_G: TextEncoderG(c.text_encoder_2).eval(),
         UNET: UNet(c.unet).eval(),
         VAE_ENCODER: VaeEncoder(c.vae).eval(),
         VAE_DECODER: VaeDecoder(c.vae).eval(),
     }
+    if getattr(c, "expansion", None) is not None:
+        modules[PROMPT_EXPANSION] = PromptExpansion(c.expansion).eval()
+    return modules
 
 
 COMPONENT_OF = {TEXT_ENCODER_L: "text_encoder", TEXT_ENCODER_G: "text_encoder_2", UNET: "unet",
-                VAE_ENCODER: "vae", VAE_DECODER: "vae"}
+                VAE_ENCODER: "vae", VAE_DECODER: "vae", PROMPT_EXPANSION: "prompt_expansion"}
 
 
 def load_leaf(name: str, checkpoint_dir: str) -> torch.nn.Module:
@@ -78,6 +93,12 @@ def load_leaf(name: str, checkpoint_dir: str) -> torch.nn.Module:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sub = COMPONENT_OF[name]
+    if name == PROMPT_EXPANSION:
+        from pathlib import Path
+
+        from transformers import GPT2LMHeadModel
+
+        return PromptExpansion(GPT2LMHeadModel.from_pretrained(str(Path(checkpoint_dir) / sub))).eval()
     if sub == "unet":
         from diffusers import UNet2DConditionModel
 
