@@ -60,7 +60,8 @@ def export_checkpoint(checkpoint: Path, onnx_dir: Path) -> Path:
     return onnx_dir
 
 
-def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: str = "cpu") -> Path:
+def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: str = "cpu",
+                               styles_dir: Path | None = None, wildcards_dir: Path | None = None) -> Path:
     from pipeline.interfaces import ModelDims, leaf_specs
 
     from .repository import write_repository
@@ -71,7 +72,8 @@ def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: 
         shutil.rmtree(repo)
     return write_repository(repo, {n: onnx_dir / f"{n}.onnx" for n in leaf_specs(dims)},
                             dims, onnx_dir / "tokenizer.json",
-                            target=target, checkpoint_name=meta["checkpoint"], device=device)
+                            target=target, checkpoint_name=meta["checkpoint"], device=device,
+                            styles_dir=styles_dir, wildcards_dir=wildcards_dir)
 
 
 def write_torch_repository(checkpoint: Path, repo: Path, device: str, work: Path = DEFAULT_BUILD) -> Path:
@@ -156,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--target", default="python-ort", choices=("python-ort", "onnxruntime", "tensorrt", "python-torch"))
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="onnxruntime target: where it runs")
+    p.add_argument("--styles-dir", type=Path, help="Fooocus-format style files (e.g. Fooocus's sdxl_styles/)")
+    p.add_argument("--wildcards-dir", type=Path, help="wildcard files (name.txt, one option per line)")
     p = sub.add_parser("tensorrt", help="build the TensorRT plans of a tensorrt repository (needs TensorRT and a GPU)")
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--timing-cache", type=Path, default=DEFAULT_BUILD / "trt_timing.cache")
@@ -173,7 +177,8 @@ def main(argv=None) -> int:
         else:
             if not args.onnx:
                 parser.error(f"--target {args.target} needs --onnx")
-            print(write_repository_from_onnx(args.onnx, args.out, args.target, args.device))
+            print(write_repository_from_onnx(args.onnx, args.out, args.target, args.device,
+                                             args.styles_dir, args.wildcards_dir))
     elif args.command == "tensorrt":
         from .tensorrt import TensorRTUnavailable, build_repository_engines
 

@@ -66,8 +66,11 @@ def leaf_config(spec: ModelSpec, target: str, device: str, checkpoint: str = "")
 
 def write_repository(repo: Path, onnx_paths: dict[str, Path] | None, dims: ModelDims, tokenizer_json: Path,
                      target: str = "python-ort", checkpoint_name: str = "", max_concurrent_jobs: int = 4,
-                     device: str = "cpu", checkpoint_dir: Path | None = None) -> Path:
-    """onnx_paths for the ONNX-based targets; checkpoint_dir (a diffusers folder) for python-torch."""
+                     device: str = "cpu", checkpoint_dir: Path | None = None,
+                     styles_dir: Path | None = None, wildcards_dir: Path | None = None) -> Path:
+    """onnx_paths for the ONNX-based targets; checkpoint_dir (a diffusers folder) for python-torch.
+    styles_dir (Fooocus-format style JSON files) and wildcards_dir (name.txt files) extend the
+    pipeline's built-in styles and wildcards."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     if device not in ("cpu", "gpu"):
@@ -99,6 +102,9 @@ def write_repository(repo: Path, onnx_paths: dict[str, Path] | None, dims: Model
     (version / "model_info.json").write_text(json.dumps(
         {"checkpoint": checkpoint_name, "target": target, "dims": dims.to_json()}, indent=2))
     pipeline_params = {"max_concurrent_jobs": max_concurrent_jobs}
+    for key, folder in (("styles_dir", styles_dir), ("wildcards_dir", wildcards_dir)):
+        if folder is not None:
+            pipeline_params[key] = str(Path(folder).resolve())
     if device == "gpu" and target != "python-ort":
         pipeline_params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     (repo / PIPELINE_SPEC.name / "config.pbtxt").write_text(model_config(

@@ -149,3 +149,28 @@ def test_tensorrt_build_stops_with_a_clear_error_without_tensorrt_or_gpu(reposit
     with pytest.raises(TensorRTUnavailable, match="TensorRT|GPU"):
         build_repository_engines(repositories["tensorrt"], tmp_path / "timing.cache")
     assert not list(repositories["tensorrt"].glob("*/1/model.plan"))
+
+
+def test_user_styles_and_wildcards_reach_the_pipeline(onnx_dir, tmp_path):
+    """A repository written with --styles-dir/--wildcards-dir passes them to the pipeline model,
+    which loads them the way the BLS does (Fooocus-format style files, name.txt wildcards)."""
+    from export.__main__ import write_repository_from_onnx
+    from pipeline.generate import Pipeline
+    from pipeline.prompts import process_prompts
+
+    styles, wildcards = tmp_path / "styles", tmp_path / "wildcards"
+    styles.mkdir()
+    wildcards.mkdir()
+    (styles / "my_styles.json").write_text(json.dumps(
+        [{"name": "my-house-style", "prompt": "house style of {prompt}", "negative_prompt": "ugly"}]))
+    (wildcards / "animal.txt").write_text("otter\n")
+    repo = write_repository_from_onnx(onnx_dir, tmp_path / "repo", "python-ort", styles_dir=styles,
+                                      wildcards_dir=wildcards)
+    config = parse_config(repo / PIPELINE_SPEC.name / "config.pbtxt")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["styles_dir"] == str(styles.resolve()) and params["wildcards_dir"] == str(wildcards.resolve())
+    pipeline = Pipeline.from_dir(repo / PIPELINE_SPEC.name / "1", models=None,
+                                 styles_dir=params["styles_dir"], wildcards_dir=params["wildcards_dir"])
+    plan = process_prompts({"prompt": "a __animal__", "negative_prompt": "",
+                            "style_selections": ["My House Style"]}, 0, 1, pipeline.styles, pipeline.wildcards)
+    assert plan.positive_texts[0] == "house style of a otter" and "ugly" in plan.negative_texts

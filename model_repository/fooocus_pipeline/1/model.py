@@ -3,7 +3,6 @@ calls and streams its events (progress per step, one result per image) back to t
 
 Each request runs on a worker thread, so several jobs run at once and share the leaf models."""
 import json
-import logging
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,7 +48,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        pipeline = Pipeline.from_dir(version_dir, models=None)
+        pipeline = Pipeline.from_dir(version_dir, models=None, styles_dir=params.get("styles_dir"),
+                                     wildcards_dir=params.get("wildcards_dir"))
         pipeline.models = TritonModels(leaf_specs(pipeline.dims))
         self.pipeline = pipeline
         self.executor = ThreadPoolExecutor(max_workers=int(params.get("max_concurrent_jobs", "4")),
