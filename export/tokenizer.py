@@ -8,6 +8,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from pipeline.text import byte_unicode_pairs
+
 VOCAB_SIZE = 49408
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
@@ -19,25 +21,12 @@ def bpe_vocab_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / BPE_FILE
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode table, in CLIP's vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @lru_cache(maxsize=1)
 def vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """CLIP's 49,408-entry vocabulary and 48,894 merges."""
     lines = gzip.open(bpe_vocab_path(), "rt", encoding="utf-8").read().split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # 48,894 merges (CLIP: 49,152 minus bytes and specials)
-    units = _bytes_to_unicode()
+    units = [c for _, c in byte_unicode_pairs()]
     vocab = units + [u + "</w>" for u in units]
     vocab += ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -28,6 +28,7 @@ import torch
 
 from .interfaces import PROMPT_EXPANSION
 from .prompts import safe_str
+from .text import byte_unicode_pairs
 
 NEG_INF = -8192.0  # Fooocus's bias for banned tokens
 TOP_K = 100
@@ -47,19 +48,6 @@ def read_words(path: str | Path | None = None) -> list[str]:
     return words
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of the byte-to-unicode table of byte-level BPE (CLIP, GPT-2)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 class ExpansionTokenizer:
     """The expansion model's tokenizer over a `tokenizers` tokenizer.json: CLIP's BPE (words end
     in `</w>`) or GPT-2's byte-level BPE (words start with `Ġ`), without special tokens."""
@@ -70,7 +58,7 @@ class ExpansionTokenizer:
         self._tok = Tokenizer.from_file(str(tokenizer_json))
         self._tok.no_padding()
         self._tok.no_truncation()
-        self._bytes = _byte_decoder()
+        self._bytes = {c: b for b, c in byte_unicode_pairs()}
 
     def ids(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -319,3 +319,13 @@ def match_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
         return a, b
     n = math.lcm(a.shape[1], b.shape[1])
     return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
+
+
+
+def byte_unicode_pairs() -> list[tuple[int, str]]:
+    """Byte-level BPE's reversible byte <-> printable-character map (CLIP and GPT-2), as (byte,
+    character) pairs in vocabulary order: the printable bytes stand for themselves, the other bytes
+    for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [(b, chr(b)) for b in printable] + [(b, chr(256 + n)) for n, b in enumerate(others)]
