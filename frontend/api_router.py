@@ -2,6 +2,8 @@
 and v2 (JSON, images as base64/data-URI/URL), job queries, engines, tools and files."""
 from __future__ import annotations
 
+import asyncio
+
 import os
 from pathlib import Path
 
@@ -219,8 +221,11 @@ async def query_job(request: Request, job_id: str = Query(...), require_step_pre
 @router.get("/v1/generation/job-queue", response_model=p.JobQueueInfo, summary="Query job queue info")
 async def job_queue(request: Request):
     store = jobs(request).store
-    return p.JobQueueInfo(running_size=store.count(finished=False), finished_size=store.count(finished=True),
-                          last_job_id=store.last_job_id())
+    # Database reads run off the event loop, like every other store access (PostgreSQL round trips).
+    running, finished, last = await asyncio.gather(
+        asyncio.to_thread(store.count, finished=False), asyncio.to_thread(store.count, finished=True),
+        asyncio.to_thread(store.last_job_id))
+    return p.JobQueueInfo(running_size=running, finished_size=finished, last_job_id=last)
 
 
 def history_info(record) -> dict:
@@ -258,13 +263,14 @@ async def job_history(request: Request, job_id: str | None = None, page: int = Q
                                            "msg": "job_id is required with delete=true", "input": None}])
         return {"message": "Deleted" if await manager.delete(job_id) else "Not found"}
     store = manager.store
-    queue = [history_info(r) for r in store.list(finished=False, job_id=job_id)]
+    queue = [history_info(r) for r in await asyncio.to_thread(store.list, finished=False, job_id=job_id)]
     # Any page is valid (past the end it is empty), but the database's OFFSET is a 64-bit integer.
     offset = min(page * page_size, MAX_OFFSET)
-    if request.app.state.settings.persistent:
-        rows = store.list(finished=True, job_id=job_id, offset=offset, limit=page_size, newest_first=True)
+    persistent = request.app.state.settings.persistent
+    rows = await asyncio.to_thread(store.list, finished=True, job_id=job_id, offset=offset, limit=page_size,
+                                   newest_first=persistent)
+    if persistent:
         return {"history": [persistent_row(r) for r in rows], "queue": queue}
-    rows = store.list(finished=True, job_id=job_id, offset=offset, limit=page_size)
     return p.JobHistoryResponse(queue=queue, history=[history_info(r) for r in rows])
 
 
