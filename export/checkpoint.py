@@ -19,6 +19,7 @@ class SDXLComponents:
     vae: object  # diffusers AutoencoderKL
     name: str
     expansion: object = None  # transformers GPT2LMHeadModel (Fooocus V2), when the checkpoint has one
+    expansion_dir: Path | None = None  # its folder (tokenizer files and positive.txt beside the weights)
 
 
 EXPANSION_DIR = "prompt_expansion"
@@ -35,8 +36,8 @@ def load_expansion(path: str | Path):
 
 def load_checkpoint(path: str | Path, expansion: str | Path | None = None) -> SDXLComponents:
     """`expansion`: a folder with a prompt-expansion GPT-2; by default `<path>/prompt_expansion`
-    when `path` is a diffusers folder that has one. Without it there is no expansion leaf (and
-    "Fooocus V2" requests get no expansion text)."""
+    when `path` is a diffusers folder that has one (its tokenizer and positive.txt: export.expansion).
+    Without it there is no expansion leaf (and "Fooocus V2" requests get no expansion text)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +63,8 @@ def load_checkpoint(path: str | Path, expansion: str | Path | None = None) -> SD
     if expansion is None and path.is_dir() and (path / EXPANSION_DIR / "config.json").exists():
         expansion = path / EXPANSION_DIR
     gpt2 = load_expansion(expansion) if expansion is not None else None
-    return SDXLComponents(pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae, path.name, gpt2)
+    return SDXLComponents(pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae, path.name, gpt2,
+                          Path(expansion) if expansion is not None else None)
 
 
 def model_dims(c: SDXLComponents):
@@ -71,6 +73,10 @@ def model_dims(c: SDXLComponents):
     unet_levels = len(c.unet.config.block_out_channels)
     vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
     extra = {"size_multiple": vae_factor * 2 ** (unet_levels - 1)}
+    from .realesrgan import SCALE as UPSCALER_SCALE
+
+    # The upscaler is checkpoint-independent (Real-ESRGAN x4plus, export/realesrgan.py): every export has it.
+    extra["upscaler_scale"] = UPSCALER_SCALE
     if c.expansion is not None:  # Fooocus V2's GPT-2: the repository gets a prompt_expansion leaf
         extra["expansion_vocab"] = int(c.expansion.config.vocab_size)
         extra["expansion_positions"] = int(c.expansion.config.n_positions)

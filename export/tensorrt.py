@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.interfaces import (PROMPT_EXPANSION, TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET,
-                                 VAE_DECODER, VAE_ENCODER, ModelDims, leaf_specs)
+                                 UPSCALER, VAE_DECODER, VAE_ENCODER, ModelDims, leaf_specs)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class ProfileSettings:
     max_chunks: int = 4  # prompts up to 4 x 75 tokens
     fp16: bool = True
     fp16_vae: bool = False  # only for an fp16-safe VAE
+    upscaler_tile: int = 512  # pipeline/upscale.py's tile: one tile (batch 1) per call, any size up to it
 
 
 def _round(value: int, multiple: int, up: bool) -> int:
@@ -59,6 +60,8 @@ def leaf_profiles(dims: ModelDims, s: ProfileSettings = ProfileSettings()) -> di
     # The expansion GPT-2 runs one prompt at a time over its whole sequence (up to n_positions).
     positions = dims.expansion_positions
     expansion_axes = {"batch": (1, 1, s.max_batch), "sequence": (1, min(TOKENS_PER_CHUNK, positions), positions)}
+    tile = (1, s.upscaler_tile, s.upscaler_tile)  # edge tiles are narrower: down to 1 px for tiny images
+    upscaler_axes = {"batch": (1, 1, 1), "height": tile, "width": tile}
     out = {}
     for name, spec in leaf_specs(dims).items():
         shapes = {}
@@ -73,6 +76,8 @@ def leaf_profiles(dims: ModelDims, s: ProfileSettings = ProfileSettings()) -> di
                         shape.append(text_batch[k])
                     elif name == PROMPT_EXPANSION:
                         shape.append(expansion_axes[d][k])
+                    elif name == UPSCALER:
+                        shape.append(upscaler_axes[d][k])
                     else:
                         shape.append(axes[d][k])
                 triple.append(tuple(shape))
