@@ -86,6 +86,8 @@ def main(argv=None) -> int:
             return 2
         if args.gpu_device_id is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu_device_id)
+        # The embedded Triton's pipeline resolves LoRA names in the folder this frontend lists.
+        os.environ["FOOOCUS_LORAS_DIR"] = str(Path(args.loras_dir).resolve())
         http, grpc, metrics = (int(x) for x in args.triton_ports.split(","))
         launcher = TritonLauncher(args.model_repository, args.triton_work_dir, http_port=http, grpc_port=grpc,
                                   metrics_port=metrics)

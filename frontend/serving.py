@@ -160,7 +160,9 @@ def save_result(files: OutputFiles, record: JobRecord, data: dict, image) -> dic
                           width=data.get("width"), height=data.get("height"), sampler=data.get("sampler"),
                           scheduler=data.get("scheduler"), full_prompt=data.get("full_prompt"),
                           full_negative_prompt=data.get("full_negative_prompt"), styles=data.get("styles"),
-                          prompt_expansion=data.get("prompt_expansion") or "")
+                          prompt_expansion=data.get("prompt_expansion") or "",
+                          # the LoRAs the pipeline applied (missing files skipped, prompt tags added)
+                          loras=[tuple(x) for x in data["loras"]] if data.get("loras") is not None else None)
         metadata = build_parameters(info, opts.get("meta_scheme", "fooocus"))
     stem = files.safe_stem(opts.get("save_name") or "", record.job_id)
     saved = files.save(image, stem, index, ext=opts.get("save_extension", "png"), metadata=metadata,

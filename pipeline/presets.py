@@ -33,6 +33,8 @@ DEFAULT_REFINER_SWITCH = 0.5
 DEFAULT_ADAPTIVE_CFG = 7.0
 DEFAULT_CLIP_SKIP = 2
 DEFAULT_LORAS = (("sd_xl_offset_example-lora_1.0.safetensors", 0.1),) + (("None", 1.0),) * 4
+MAX_LORAS = 5  # Fooocus's default_max_lora_number
+DEFAULT_LORA_WEIGHT = 0.5  # Fooocus-API's Lora.weight default
 MAX_IMAGE_NUMBER = 32
 SEED_MODULUS = 2**63  # image i uses (seed + i) mod 2**63; random seeds are drawn from [0, 2**63-1]
 

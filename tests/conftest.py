@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -52,8 +53,25 @@ def start_triton(model_repository: Path, work_dir: Path, restart: bool = True):
                           metrics_port=free_port(), restart=restart).start()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def loras_dir(tmp_path_factory) -> Path:
+    """This test session's LoRA folder (empty at first): the served pipeline and in-process
+    pipelines resolve LoRA names here (FOOOCUS_LORAS_DIR, which the Triton server inherits), never
+    in the checkout's models/loras. Tests add files under names of their own and remove the ones
+    that would change other tests (e.g. a performance LoRA)."""
+    LORAS_DIR_ENV = "FOOOCUS_LORAS_DIR"  # pipeline.lora.LORAS_DIR_ENV (not imported: it imports torch)
+    folder = tmp_path_factory.mktemp("loras")
+    previous = os.environ.get(LORAS_DIR_ENV)
+    os.environ[LORAS_DIR_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(LORAS_DIR_ENV, None)
+    else:
+        os.environ[LORAS_DIR_ENV] = previous
+
+
 @pytest.fixture(scope="session")
-def triton(model_repository, tmp_path_factory):
+def triton(model_repository, loras_dir, tmp_path_factory):
     launcher = start_triton(model_repository, tmp_path_factory.mktemp("triton"))
     yield launcher
     launcher.stop()

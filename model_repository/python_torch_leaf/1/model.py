@@ -4,12 +4,15 @@ fp16 when a GPU is there (FP32 at the interface), else on the CPU in fp32.
 Tensors cross the Python backend boundary by DLPack, so with FORCE_CPU_ONLY_INPUT_TENSORS off a
 GPU input arrives on the GPU and the output leaves from it without a host copy. Parameters:
 `checkpoint` (diffusers folder), `device` (cuda|cpu|auto), `dtype` (float16|float32), `compile`
-(torch.compile with CUDA graphs: true|false)."""
+(torch.compile with CUDA graphs: true|false), `patched_sessions` (merged weight-patch sets kept,
+default 2: pipeline.lora.TorchPatcher)."""
 import json
 
 import torch
 import triton_python_backend_utils as pb_utils
 
+from pipeline.interfaces import PATCHES_PARAMETER
+from pipeline.lora import TorchPatcher, from_json
 from pipeline.torch_leaves import load_leaf
 
 
@@ -27,6 +30,15 @@ class TritonPythonModel:
         fp16 = params.get("dtype", "float16") == "float16" and self.device.type == "cuda"
         self.dtype = torch.float16 if fp16 else torch.float32
         module = load_leaf(config["name"], params["checkpoint"]).to(self.device, self.dtype)
+        # Weight patches (LoRAs, inpaint patch/head) are merged into the parameters in place.
+        self.patcher = TorchPatcher(module, config["name"], params.get("patched_sessions"))
+        # The family must outlive its metrics (Triton's python backend): keep it on the model.
+        self.lookup_family = family = pb_utils.MetricFamily(name="fooocus_patched_session_lookups_total",
+                                       description="Leaf weight sets asked for by patch set: base, current, "
+                                                   "cache hit, or miss (weights merged)",
+                                       kind=pb_utils.MetricFamily.COUNTER)
+        self.lookups = {r: family.Metric(labels={"model": config["name"], "result": r})
+                        for r in ("base", "current", "hit", "miss")}
         if params.get("compile", "false") == "true" and self.device.type == "cuda":
             module = torch.compile(module, mode="reduce-overhead", dynamic=False)
         self.module = module
@@ -40,10 +52,17 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = []
-        with torch.inference_mode():
-            for request in requests:
+        for request in requests:
+            try:
+                patches = from_json(json.loads(request.parameters() or "{}").get(PATCHES_PARAMETER))
+                self.lookups[self.patcher.apply(patches)].increment(1)
+            except Exception as exc:  # a broken patch file fails this request, not the model
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"weight patches: {type(exc).__name__}: {exc}")))
+                continue
+            with torch.inference_mode():
                 out = self.module(*[self._input(request, n) for n in self.input_names])
-                out = out if isinstance(out, tuple) else (out,)
-                responses.append(pb_utils.InferenceResponse([
-                    pb_utils.Tensor.from_dlpack(n, t.float().contiguous()) for n, t in zip(self.output_names, out)]))
+            out = out if isinstance(out, tuple) else (out,)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor.from_dlpack(n, t.float().contiguous()) for n, t in zip(self.output_names, out)]))
         return responses
