@@ -9,15 +9,19 @@ comma, which stays allowed; then top-k 100 sampling at temperature 1 with a torc
 seeded by the image seed mod 2**32. The result is the decoded sequence (prompt + new tokens)
 through `safe_str`, e.g. "a cat, intricate, elegant, highly detailed".
 
-Deviations: Fooocus's model is GPT-2 small on GPT-2's vocabulary and its 642-word `positive.txt`;
-the tiny model here reuses CLIP's tokenizer and vocabulary, and the allowed words are this
-project's own list (`expansion_words.txt`, or any file with one word per line). Words that are not
-a single token of the tokenizer are skipped, as Fooocus's list only holds single-token words.
-Fooocus draws from transformers' sampler seeded by `set_seed`; the draws here come from torch's
-generator, so the same seed gives the same text here but not Fooocus's text.
+Fooocus's model is GPT-2 small on GPT-2's vocabulary with its 642-word `positive.txt`; exported
+from Fooocus's folder (export.expansion) the pipeline model's folder holds its tokenizer as
+`expansion_tokenizer.json` and the words as `expansion_words.txt`. The tiny default's GPT-2 reuses
+CLIP's tokenizer and vocabulary, and its allowed words are this project's own list
+(`expansion_words.txt` here, or any file with one word per line). Words that are not a single
+token of the tokenizer are skipped, as Fooocus's list only holds single-token words.
+
+Deviation: Fooocus draws from transformers' sampler seeded by `set_seed`; the draws here come from
+torch's generator, so the same seed gives the same text here but not Fooocus's text.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +39,10 @@ TOP_K = 100
 BUDGET = 75  # the expansion fills the prompt up to the next multiple of 75 tokens
 SEED_MODULUS = 2**32
 DEFAULT_WORDS_FILE = Path(__file__).with_name("expansion_words.txt")
+TOKENIZER_FILE = "expansion_tokenizer.json"  # beside the pipeline's tokenizer.json (export.expansion writes it)
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def read_words(path: str | Path | None = None) -> list[str]:
@@ -84,6 +92,25 @@ class ExpansionTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def load_expansion_tokenizer(pipeline_dir: str | Path, vocab: int) -> ExpansionTokenizer | None:
+    """The expansion model's tokenizer from a pipeline model's folder: `expansion_tokenizer.json`,
+    else the CLIP `tokenizer.json` (the tiny default's GPT-2 is on CLIP's vocabulary). None, with a
+    warning (once per folder), when its vocabulary is not the model's `vocab`: the expansion is
+    then off (the exporter refuses such exports; this is a repository written some other way)."""
+    folder = Path(pipeline_dir)
+    path = folder / TOKENIZER_FILE
+    path = path if path.exists() else folder / "tokenizer.json"
+    tokenizer = ExpansionTokenizer(path)
+    if tokenizer.vocab_size == vocab:
+        return tokenizer
+    if str(folder) not in _warned:
+        _warned.add(str(folder))
+        log.warning("Fooocus V2 prompt expansion is off: the prompt_expansion model has a %d-token vocabulary "
+                    "but %s has %d tokens (export the expansion folder with its tokenizer: python -m export "
+                    "expansion FOLDER --onnx DIR)", vocab, path, tokenizer.vocab_size)
+    return None
 
 
 @dataclass(frozen=True)
