@@ -19,11 +19,17 @@ UNET = "unet"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 PROMPT_EXPANSION = "prompt_expansion"  # optional: Fooocus V2's GPT-2 (only when the checkpoint has one)
+UPSCALER = "upscaler"  # optional: the ESRGAN x4 upscaler (checkpoint-independent; every export has it)
 # Every leaf the project knows. A repository holds those `leaf_specs(dims)` lists: the SDXL five
-# always, `prompt_expansion` only when the exported checkpoint came with an expansion model.
-LEAF_MODEL_NAMES = (TEXT_ENCODER_L, TEXT_ENCODER_G, UNET, VAE_ENCODER, VAE_DECODER, PROMPT_EXPANSION)
-OPTIONAL_LEAF_NAMES = (PROMPT_EXPANSION,)
+# always, `prompt_expansion` only when the exported checkpoint came with an expansion model,
+# `upscaler` when the export recorded `upscaler_scale`.
+LEAF_MODEL_NAMES = (TEXT_ENCODER_L, TEXT_ENCODER_G, UNET, VAE_ENCODER, VAE_DECODER, PROMPT_EXPANSION, UPSCALER)
+OPTIONAL_LEAF_NAMES = (PROMPT_EXPANSION, UPSCALER)
 
+INPAINT_HEAD_PARAM = "model.conv_in.inpaint_head"  # the UNet leaf's inpaint-head weight (see leaf_specs)
+# The Triton request parameter (a JSON string) that carries a weight-patch set to the text encoders
+# and the UNet (pipeline.lora: [[kind, path, weight], ...]); absent = the exported weights.
+PATCHES_PARAMETER = "weight_patches"
 TOKENS_PER_CHUNK = 77  # CLIP context: BOS + 75 tokens + EOS
 ADD_TIME_IDS = 6  # SDXL micro-conditioning: orig (h, w), crop (top, left), target (h, w)
 
@@ -75,6 +81,12 @@ class ModelDims:
         return int(self.extra.get("expansion_positions", 1024))
 
     @property
+    def upscaler_scale(self) -> int | None:
+        """Output size / input size of the `upscaler` leaf (4), or None when the repository has none."""
+        scale = self.extra.get("upscaler_scale")
+        return int(scale) if scale else None
+
+    @property
     def context_dim(self) -> int:
         return self.text_l_hidden + self.text_g_hidden
 
@@ -94,7 +106,14 @@ def leaf_specs(d: ModelDims) -> dict[str, ModelSpec]:
     projected pooled output. The UNet predicts epsilon; the VAE works on unscaled latents
     (the pipeline applies `vae_scaling_factor`) and images in [-1, 1]. `prompt_expansion` (only
     when `d.expansion_vocab` is set) is GPT-2 without KV cache: token ids in, next-token logits
-    at every position out.
+    at every position out. The UNet carries Fooocus's inpaint head: a bias-free 3x3 conv
+    (replicate padding) from `inpaint_latent` to conv_in's channels, added to conv_in's output;
+    its weight is the initializer `INPAINT_HEAD_PARAM`, zero in every export and replaced per
+    request when an inpaint engine is used. It also takes FreeU v2's factors `freeu` = (b1, b2,
+    s1, s2) per sample (pipeline.freeu), applied in its output blocks; ones leave it unchanged.
+    `upscaler` (only when `d.upscaler_scale` is set) maps RGB in [0, 1] to the image
+    `upscaler_scale` times larger, not clamped (the caller clamps); its output is `upscaled`
+    (ONNX cannot name an output like an input).
     """
     c = d.latent_channels
     ids = TensorSpec("input_ids", "int64", ("batch", TOKENS_PER_CHUNK))
@@ -122,6 +141,11 @@ def leaf_specs(d: ModelDims) -> dict[str, ModelSpec]:
                 TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", d.context_dim)),
                 TensorSpec("text_embeds", "float32", ("batch", d.pooled_dim)),
                 TensorSpec("time_ids", "float32", ("batch", ADD_TIME_IDS)),
+                # Fooocus's inpaint head input: concat(latent mask, scaled masked-image latent).
+                # Zeros (or a zero head weight) leave the UNet unchanged.
+                TensorSpec("inpaint_latent", "float32", ("batch", c + 1, "latent_height", "latent_width")),
+                # FreeU v2's factors (b1, b2, s1, s2) per sample (pipeline.freeu); (1, 1, 1, 1) = off.
+                TensorSpec("freeu", "float32", ("batch", 4)),
             ),
             (TensorSpec("noise_pred", "float32", ("batch", c, "latent_height", "latent_width")),),
         ),
@@ -141,6 +165,12 @@ def leaf_specs(d: ModelDims) -> dict[str, ModelSpec]:
             PROMPT_EXPANSION,
             (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
             (TensorSpec("logits", "float32", ("batch", "sequence", d.expansion_vocab)),),
+        )
+    if d.upscaler_scale:
+        specs[UPSCALER] = ModelSpec(
+            UPSCALER,
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+            (TensorSpec("upscaled", "float32", ("batch", 3, "out_height", "out_width")),),
         )
     return specs
 

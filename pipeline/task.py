@@ -28,6 +28,8 @@ def parse_aspect_ratio(value: str) -> tuple[int, int]:
     return w, h
 
 
+REFINER_SWAP_METHODS = ("joint", "separate", "vae")
+SUPPORTED_GOALS = ("text_to_image", "upscale_vary", "inpaint_outpaint")
 GOAL_LABELS = {
     "enhance": "Image enhancement",
     "image_prompt": "Image prompt (IP-Adapter / ControlNet)",
@@ -128,8 +130,42 @@ class GenerationTask:
                 float(self.adv("adm_scaler_end", 0.3)))
 
     @property
+    def refiner_model_name(self) -> str:
+        return str(self.extra.get("refiner_model_name") or "None")
+
+    @property
+    def refiner_switch(self) -> float:
+        value = self.extra.get("refiner_switch")
+        return float(presets.DEFAULT_REFINER_SWITCH if value is None else value)
+
+    @property
+    def refiner_swap_method(self) -> str:
+        """joint | separate | vae (anything else: joint, as Fooocus-API)."""
+        method = self.adv("refiner_swap_method", "joint")
+        return method if method in REFINER_SWAP_METHODS else "joint"
+
+    @property
     def clip_skip(self) -> int:
         return int(self.adv("clip_skip", presets.DEFAULT_CLIP_SKIP))
+
+    @property
+    def user_loras(self) -> list[tuple[str, float]]:
+        """The request's enabled LoRAs as (file name, weight), the list cut to Fooocus's 5 first;
+        entries may be Fooocus-API objects {enabled, model_name, weight} or [enabled, name, weight]
+        / [name, weight] lists. No `loras` field means Fooocus's defaults. Which files exist (and
+        the performance LoRA) is decided where the LoRA folder is known (pipeline.lora.task_loras)."""
+        raw = self.extra.get("loras")
+        out = []
+        for entry in (presets.DEFAULT_LORAS if raw is None else raw)[:presets.MAX_LORAS]:
+            if isinstance(entry, dict):
+                enabled, name, weight = entry.get("enabled", True), entry.get("model_name"), entry.get("weight")
+            elif len(entry) == 3:
+                enabled, name, weight = entry
+            else:
+                enabled, (name, weight) = True, entry
+            if enabled and name and name != "None":
+                out.append((str(name), float(presets.DEFAULT_LORA_WEIGHT if weight is None else weight)))
+        return out
 
     def image_seeds(self) -> list[int]:
         seed = resolve_seed(self.image_seed)
@@ -141,14 +177,11 @@ class GenerationTask:
         """size_multiple: the model's pixel granularity (VAE factor x UNet downsampling: 32 for SDXL)."""
         if self.performance_selection not in presets.PERFORMANCES:
             raise ValueError(f"unknown performance_selection {self.performance_selection!r}")
+        goal = self.goal
         width, height = self.size
-        if width % size_multiple or height % size_multiple:
+        if goal in ("text_to_image", "inpaint_outpaint") and (width % size_multiple or height % size_multiple):
             raise ValueError(f"width and height must be multiples of {size_multiple} for this model, "
                              f"got {width}*{height}")
-        if self.goal != "text_to_image":
-            raise UnsupportedFeature(f"{GOAL_LABELS[self.goal]} is not supported by this server yet "
-                                     f"(only text to image is)")
-        if self.performance.lora is not None:
-            raise UnsupportedFeature(
-                f"performance '{self.performance_selection}' needs its LoRA "
-                f"({self.performance.lora[0]}); LoRAs are not supported by this server yet")
+        if goal not in SUPPORTED_GOALS:
+            raise UnsupportedFeature(f"{GOAL_LABELS[goal]} is not supported by this server yet "
+                                     f"(text to image, upscale/vary and inpaint/outpaint are)")

@@ -4,8 +4,8 @@ route by route, over HTTP against the frontend under uvicorn and the session's T
 Checked: status codes, body shapes and key order where the contract fixes them, validation errors
 (422 JSON everywhere, multipart routes included), the OpenAPI document's defaults against the
 contract's tables, files, API key, upload limits, CORS, GZip, job history, stop, QUEUE_IS_FULL.
-Generations are tiny (256*256, 2 steps); image tasks are accepted and end as ERROR naming the
-missing feature (only text to image is generated today).
+Generations are tiny (256*256, 2 steps; image tasks on 64 px inputs); image prompts and enhance
+are accepted and end as ERROR naming the missing feature.
 """
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ QUEUE_FULL_RESULT = {"base64": None, "url": None, "seed": "", "finish_reason": "
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def small_png(name: str, size: int = 64) -> bytes:
+    """A fixture image shrunk to size x size (image tasks stay fast: their diffusion runs at shape
+    ceil 1024 whatever the input, and the 4x upscaler's cost grows with the input's pixels)."""
+    buf = io.BytesIO()
+    Image.open(FIXTURE_IMAGES / name).convert("RGB").resize((size, size)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def image_bytes(name: str) -> bytes:
@@ -542,26 +550,30 @@ def test_unsafe_save_name_stays_in_the_output_folder(served):
 
 # --- v1 multipart routes ------------------------------------------------------------------------
 
-def upload(name: str, field: str = "input_image") -> tuple:
-    return (field, image_bytes(name))  # (filename, bytes): like the examples, no part content type
+def upload(name: str, field: str = "input_image", small: bool = False) -> tuple:
+    # (filename, bytes): like the examples, no part content type
+    return (field, small_png(name) if small else image_bytes(name))
 
 
 @pytest.mark.parametrize("value", ["True", "true", "1", "yes", "on"])
 def test_form_booleans_true(served, value):
-    r = served.client.post("/v1/generation/image-upscale-vary", data={"uov_method": "Upscale (2x)",
+    r = served.client.post("/v1/generation/image-upscale-vary", data={"uov_method": "Upscale (Fast 2x)",
                                                                         "async_process": value},
-                           files={"input_image": upload("bear.jpg")})
+                           files={"input_image": upload("bear.jpg", small=True)})
     assert r.status_code == 200, r.text
-    assert_unsupported(served, assert_async_job(r.json(), "Image Upscale or Variation"))
+    job = served.wait_job(assert_async_job(r.json(), "Image Upscale or Variation"))
+    assert job["job_stage"] == "SUCCESS", job
 
 
 @pytest.mark.parametrize("value", ["False", "false", "0"])
 def test_form_booleans_false_is_sync(served, value):
     r = served.client.post("/v1/generation/image-upscale-vary",
-                           data={"uov_method": "Vary (Strong)", "async_process": value, "image_seed": "12"},
-                           files={"input_image": upload("bear.jpg")})
+                           data={"uov_method": "Vary (Strong)", "async_process": value, "image_seed": "12",
+                                 "advanced_params": json.dumps({"overwrite_step": 2})},
+                           files={"input_image": upload("bear.jpg", small=True)})
     assert r.status_code == 200, r.text
-    assert r.json() == [{"base64": None, "url": None, "seed": "12", "finish_reason": "ERROR"}]
+    (result,) = r.json()
+    assert result["seed"] == "12" and result["finish_reason"] == "SUCCESS", result
 
 
 def test_form_comma_lists_and_json_strings_are_accepted(served):
@@ -570,10 +582,11 @@ def test_form_comma_lists_and_json_strings_are_accepted(served):
             "loras": json.dumps([{"model_name": "None", "weight": 0.3}]),
             "advanced_params": json.dumps({"overwrite_step": 2, "sampler_name": "euler"}),
             "save_meta": "True", "prompt": "a bear", "api_name": "ignored", "unknown_field": "x"}
-    r = served.client.post("/v1/generation/image-upscale-vary", data=data, files={"input_image": upload("bear.jpg")})
+    r = served.client.post("/v1/generation/image-upscale-vary", data=data,
+                           files={"input_image": upload("bear.jpg", small=True)})
     assert r.status_code == 200, r.text
-    job = assert_unsupported(served, assert_async_job(r.json(), "Image Upscale or Variation"))
-    assert "Upscale or vary" in job["job_status"]
+    job = served.wait_job(assert_async_job(r.json(), "Image Upscale or Variation"))
+    assert job["job_stage"] == "SUCCESS", job
 
 
 @pytest.mark.parametrize("field,value,loc", [
@@ -615,24 +628,30 @@ def test_form_routes_refuse_json_and_bad_images_with_422(served):
     assert_validation_error(r, ["body", "input_image"])
 
 
-def test_inpaint_outpaint_sync_ends_as_error_result(served):
+def test_inpaint_outpaint_sync_result(served):
     r = served.client.post("/v1/generation/image-inpaint-outpaint",
-                           data={"prompt": "a cat", "outpaint_selections": "Left,Top", "image_seed": "3"},
-                           files={"input_image": upload("inpaint_source.jpg"),
-                                  "input_mask": upload("inpaint_mask.png", "input_mask")})
+                           data={"prompt": "a cat", "outpaint_selections": "Left,Top", "image_seed": "3",
+                                 "advanced_params": json.dumps({"overwrite_step": 2})},
+                           files={"input_image": upload("inpaint_source.jpg", small=True),
+                                  "input_mask": upload("inpaint_mask.png", "input_mask", small=True)})
     assert r.status_code == 200, r.text
     (result,) = r.json()
     assert list(result) == RESULT_KEYS
-    assert result == {"base64": None, "url": None, "seed": "3", "finish_reason": "ERROR"}
+    assert result["seed"] == "3" and result["finish_reason"] == "SUCCESS", result
+    # 64 px, Top then Left by int(0.3 * side): 64 + 19 on each axis
+    assert Image.open(io.BytesIO(fetch(served, result["url"]).content)).size == (83, 83)
 
 
 def test_inpaint_outpaint_without_mask_and_repeated_selection_fields(served):
     r = served.client.post("/v1/generation/image-inpaint-outpaint",
                            data={"outpaint_selections": ["Left", "Right"], "async_process": "True",
-                                 "outpaint_distance_left": "64"},
-                           files={"input_image": upload("bear.jpg")})
+                                 "outpaint_distance_left": "16", "advanced_params": json.dumps({"overwrite_step": 2})},
+                           files={"input_image": upload("bear.jpg", small=True)})
     assert r.status_code == 200, r.text
-    assert_unsupported(served, assert_async_job(r.json(), "Image Inpaint or Outpaint"))
+    job = served.wait_job(assert_async_job(r.json(), "Image Inpaint or Outpaint"))
+    assert job["job_stage"] == "SUCCESS", job
+    image = Image.open(io.BytesIO(fetch(served, job["job_result"][0]["url"]).content))
+    assert image.size == (64 + 16 + 19, 64)  # left 16 px as asked, right int(0.3 * 64)
     r = served.client.post("/v1/generation/image-inpaint-outpaint", data={"outpaint_selections": "Left,Up"},
                            files={"input_image": upload("bear.jpg")})
     assert_validation_error(r, ["body", "outpaint_selections", 1], "enum")
@@ -682,9 +701,12 @@ def test_v2_upscale_vary_takes_base64_and_data_uris(served, encoding):
              "urlsafe-unpadded": raw.replace("+", "-").replace("/", "_").rstrip("=")}[encoding]
     r = served.client.post("/v2/generation/image-upscale-vary", json={
         "input_image": value, "uov_method": "Vary (Strong)", "performance_selection": "Speed",
-        "async_process": True, "unknown": 1})
+        "advanced_params": {"overwrite_step": 2}, "async_process": True, "unknown": 1})
     assert r.status_code == 200, r.text
-    assert_unsupported(served, assert_async_job(r.json(), "Image Upscale or Variation"))
+    job = served.wait_job(assert_async_job(r.json(), "Image Upscale or Variation"))
+    assert job["job_stage"] == "SUCCESS", job
+    # vary: 564 px has shape ceil 576, so it is resized to shape ceil 1024
+    assert Image.open(io.BytesIO(fetch(served, job["job_result"][0]["url"]).content)).size == (1024, 1024)
 
 
 @pytest.mark.parametrize("path,body,loc", [
@@ -750,9 +772,6 @@ def test_v2_text_to_image_with_empty_image_prompts_generates(served):
 
 
 @pytest.mark.parametrize("path,body,job_type,feature", [
-    ("/v2/generation/image-inpaint-outpaint",
-     {"input_image": b64("bear.jpg"), "input_mask": None, "outpaint_selections": ["Left", "Right"]},
-     "Image Inpaint or Outpaint", "Inpaint or outpaint"),
     ("/v2/generation/image-prompt",
      {"image_prompts": [{"cn_img": b64("image_prompt-0.jpg"), "cn_stop": 0.5, "cn_weight": 0.6,
                          "cn_type": "ImagePrompt"}, {"cn_img": b64("bear.jpg"), "cn_type": "FaceSwap"}]},
@@ -1136,9 +1155,10 @@ def test_upload_too_many_pixels_is_413(limited):
     small = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(small, "PNG")
     r = c.post("/v2/generation/image-upscale-vary",
-               json={"input_image": base64.b64encode(small.getvalue()).decode(), "async_process": True})
+               json={"input_image": base64.b64encode(small.getvalue()).decode(), "async_process": True,
+                     "advanced_params": {"overwrite_step": 2}})
     assert r.status_code == 200, r.text  # within both limits
-    assert_unsupported(limited, r.json()["job_id"])
+    assert limited.wait_job(r.json()["job_id"])["job_stage"] == "SUCCESS"
 
 
 # --- CORS, GZip ---------------------------------------------------------------------------------

@@ -196,6 +196,7 @@ run_case pipeline -m fooocus_pipeline -i grpc -u "$URL" --streaming \
 run_case unet -m unet -i grpc -u "$URL" \
     --shape "sample:2,$LATENT_C,$LATENT_HW,$LATENT_HW" --shape timestep:2 \
     --shape "encoder_hidden_states:2,77,$CONTEXT_W" --shape "text_embeds:2,$POOLED_W" --shape time_ids:2,6 \
+    --shape "inpaint_latent:2,$((LATENT_C + 1)),$LATENT_HW,$LATENT_HW" --shape freeu:2,4 \
     --concurrency-range 1:2 --measurement-interval "$UNET_WINDOW_MS" --stability-percentage 25 --max-trials 8
 
 # (d) the summary --------------------------------------------------------------------------------------

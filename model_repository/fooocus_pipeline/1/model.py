@@ -13,7 +13,8 @@ import triton_python_backend_utils as pb_utils
 
 from pipeline.errors import UnsupportedFeature
 from pipeline.generate import Cancelled, Pipeline
-from pipeline.interfaces import leaf_specs
+from pipeline.interfaces import PATCHES_PARAMETER, UNET, leaf_specs
+from pipeline.lora import to_json
 from pipeline.task import GenerationTask
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -25,12 +26,14 @@ class TritonModels:
     def __init__(self, specs):
         self.output_names = {name: [t.name for t in spec.outputs] for name, spec in specs.items()}
 
-    def __call__(self, model, inputs):
+    def __call__(self, model, inputs, patches=()):
+        # A weight-patch set travels as a request parameter; the leaf merges it (pipeline.lora).
+        extra = {"parameters": {PATCHES_PARAMETER: to_json(patches)}} if patches else {}
         request = pb_utils.InferenceRequest(
             model_name=model, requested_output_names=self.output_names[model],
             inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v.numpy())) for k, v in inputs.items()],
             # The core computes on the host: GPU leaves (python-torch, TensorRT) hand back host tensors.
-            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0), **extra)
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
@@ -49,8 +52,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         pipeline = Pipeline.from_dir(version_dir, models=None, styles_dir=params.get("styles_dir"),
-                                     wildcards_dir=params.get("wildcards_dir"))
-        pipeline.models = TritonModels(leaf_specs(pipeline.dims))
+                                     wildcards_dir=params.get("wildcards_dir"), loras_dir=params.get("loras_dir"),
+                                     inpaint_dir=params.get("inpaint_dir"))
+        specs = leaf_specs(pipeline.dims)
+        specs.update({leaf: specs[UNET] for leaf in pipeline.refiners.values()})  # refiner UNets
+        pipeline.models = TritonModels(specs)
         self.pipeline = pipeline
         self.executor = ThreadPoolExecutor(max_workers=int(params.get("max_concurrent_jobs", "4")),
                                            thread_name_prefix="job")
