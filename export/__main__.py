@@ -261,6 +261,11 @@ def main(argv=None) -> int:
     p.add_argument("--expansion-words", type=Path, help="Fooocus V2's allowed words, one per line (e.g. Fooocus's "
                                                         "positive.txt), copied as expansion_words.txt")
     p.add_argument("--expansion", type=Path, help=expansion_help + " (python-torch)")
+    p.add_argument("--refiner", action="append", default=[], metavar="NAME=ONNX_DIR",
+                   help="serve another checkpoint's UNet as the refiner NAME (its file name, as requests send it); "
+                        "ONNX_DIR from `python -m export onnx`; repeatable")
+    p.add_argument("--inpaint-dir", type=Path, help="Fooocus's inpaint engine files (fooocus_inpaint_head.pth, "
+                                                    "inpaint_v26.fooocus.patch, ...; Fooocus's models/inpaint)")
     p = sub.add_parser("tensorrt", help="build the TensorRT plans of a tensorrt repository (needs TensorRT and a GPU)")
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--timing-cache", type=Path, default=DEFAULT_BUILD / "trt_timing.cache")
@@ -296,9 +301,15 @@ def _run(parser, args) -> int:
             if args.expansion:
                 parser.error("--expansion is for --target python-torch: add it to the ONNX export with "
                              "`python -m export expansion FOLDER --onnx DIR`")
+            refiners = {}
+            for item in args.refiner:
+                name, sep, folder = item.partition("=")
+                if not sep or not name or not folder:
+                    parser.error(f"--refiner takes NAME=ONNX_DIR, got {item!r}")
+                refiners[name] = Path(folder)
             print(write_repository_from_onnx(args.onnx, args.out, args.target, args.device,
                                              args.styles_dir, args.wildcards_dir, args.loras_dir,
-                                             args.expansion_words))
+                                             args.expansion_words, refiners=refiners, inpaint_dir=args.inpaint_dir))
     elif args.command == "tensorrt":
         from .tensorrt import TensorRTUnavailable, build_repository_engines
 

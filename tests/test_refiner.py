@@ -84,3 +84,33 @@ def test_switch_step_counts_the_performance_steps_before_overwrite():
     assert (switch, method) == (1, "joint")
     assert len(phases(refiner_model_name="base.safetensors")[0]) == 1         # the base itself: no refiner
     assert len(phases(refiner_model_name=TINY_REFINER_NAME, performance_selection="Lightning")[0]) == 1
+
+
+def test_repository_cli_writes_refiner_leaves(tmp_path):
+    """`python -m export repository --refiner NAME=ONNX_DIR`: the refiner's UNet as a leaf with the
+    UNet's interface (and the `leaf` role parameter the python-ort leaf patches by), listed in
+    model_info.json; a checkpoint whose UNet takes other conditioning is refused."""
+    import json
+
+    from export.__main__ import DEFAULT_BUILD, build_default, main
+    from export.repository import refiner_leaf_name
+
+    build_default()
+    onnx = next((DEFAULT_BUILD / "onnx").glob("tiny-sdxl-*"))
+    out = tmp_path / "repo"
+    assert main(["repository", "--onnx", str(onnx), "--out", str(out), "--target", "tensorrt",
+                 "--refiner", f"other.safetensors={onnx / 'refiner'}"]) == 0
+    leaf = refiner_leaf_name("other.safetensors")
+    info = json.loads((out / "fooocus_pipeline" / "1" / "model_info.json").read_text())
+    assert info["refiners"] == {"other.safetensors": leaf}
+    config = (out / leaf / "config.pbtxt").read_text()
+    assert f'name: "{leaf}"' in config and 'name: "noise_pred"' in config
+    profiles = json.loads((out / "trt_profiles.json").read_text())
+    assert profiles[leaf] == profiles["unet"]
+    bad = tmp_path / "bad"
+    (bad).mkdir()
+    dims = json.loads((onnx / "dims.json").read_text())
+    dims["dims"]["pooled_dim"] += 1
+    (bad / "dims.json").write_text(json.dumps(dims))
+    with pytest.raises(ValueError, match="conditioning"):
+        main(["repository", "--onnx", str(onnx), "--out", str(tmp_path / "r2"), "--refiner", f"x={bad}"])
