@@ -37,7 +37,6 @@ import torch
 from .metadata import DEFAULT_FREEU
 
 FREEU_IDENTITY = (1.0, 1.0, 1.0, 1.0)  # b1, b2, s1, s2 that change nothing (FreeU off)
-FREEU_WIDTH = 4  # the `freeu` input's second axis
 
 
 def freeu_factors(task) -> torch.Tensor:
