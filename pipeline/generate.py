@@ -150,7 +150,8 @@ class Pipeline:
                 uncond, pooled_neg = encoder(plan.negative_texts, plan.negative_top_k)
             cond, uncond = match_lengths(cond, uncond)
             denoise = self._denoiser(task, schedule, parameterisation, cond, uncond, pooled, pooled_neg,
-                                     width, height, canvas.inpaint_latent, phases=phases)
+                                     width, height, canvas.inpaint_latent, phases=phases,
+                                     record_eps=swap_method == "vae" and len(phases) > 1)
             state = denoise.state
             latent_shape = (1, self.dims.latent_channels, height // self.dims.vae_scale_factor,
                             width // self.dims.vae_scale_factor)
@@ -354,7 +355,8 @@ class Pipeline:
         the same LoRAs, no engine, no FreeU), or, for an inpaint engine without a refiner, Fooocus's
         "synthetic refiner": the base UNet without the engine from 80 % of the steps on (joint)."""
         engine = self.inpaint_engine_patches(canvas.engine) if canvas.engine else ()
-        base = UNetPhase(UNET, (*patches, *engine), inpaint_head=bool(engine))
+        patches = for_leaf(UNET, patches)  # the UNet's part, canonical: sent as is on every call
+        base = UNetPhase(UNET, for_leaf(UNET, (*patches, *engine)), inpaint_head=bool(engine))
         refiner_leaf = self.refiner_leaf(task)
         if refiner_leaf is not None:
             second, fraction, method = UNetPhase(refiner_leaf, patches, False, False), task.refiner_switch, \
@@ -392,11 +394,11 @@ class Pipeline:
 
     def _denoiser(self, task: GenerationTask, schedule, parameterisation: str, cond, uncond, pooled, pooled_neg,
                   width: int, height: int, inpaint_latent: torch.Tensor | None = None,
-                  phases: "tuple[UNetPhase, ...]" = ()):
+                  phases: "tuple[UNetPhase, ...]" = (), record_eps: bool = False):
         """D(x, sigma): Fooocus's guidance around one UNet call (CFG folded into a batch of 2), on
         the UNet of the current phase (`denoise.state["phase"]`, swapped by the caller for the
-        refiner) with its weight patches (pipeline.lora) merged. `state["eps"]` keeps the last
-        guided prediction (the vae swap needs it)."""
+        refiner) with its weight patches (pipeline.lora) merged. With `record_eps`, `state["eps"]`
+        keeps the last guided prediction (the vae swap needs it)."""
         state = {"phase": phases[0] if phases else UNetPhase()}
         cfg, sharpness, adaptive = task.cfg, task.sharpness_value, task.adaptive_cfg
         adm_pos, adm_neg, adm_end = task.adm_scalers
@@ -415,8 +417,8 @@ class Pipeline:
             phase = state["phase"]
             inputs["inpaint_latent"] = head if phase.inpaint_head else zero_head
             inputs["freeu"] = freeu if phase.freeu else no_freeu
-            part = for_leaf(UNET, phase.patches)
-            out = self.models(phase.model, inputs, patches=part) if part else self.models(phase.model, inputs)
+            out = (self.models(phase.model, inputs, patches=phase.patches) if phase.patches
+                   else self.models(phase.model, inputs))
             return out["noise_pred"]
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -435,7 +437,7 @@ class Pipeline:
                 denoised = x - sigma * eps
             if not single:
                 denoised = guided_denoised(x, denoised[:1], denoised[1:], cfg, float(timestep), sharpness, adaptive)
-            if float(sigma) > 0:
+            if record_eps and float(sigma) > 0:
                 state["eps"] = (x - denoised) / sigma
             return denoised
 
@@ -505,7 +507,7 @@ class UNetPhase:
     inpaint head gets its input, whether FreeU applies (the base model only)."""
 
     model: str = UNET
-    patches: tuple = ()
+    patches: tuple = ()  # the UNet's part of the task's patch set (pipeline.lora.for_leaf)
     inpaint_head: bool = True
     freeu: bool = True
 
