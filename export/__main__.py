@@ -93,10 +93,12 @@ def expansion_files(folder: Path, dims, tokenizer_json: Path, words: Path | None
 def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: str = "cpu",
                                styles_dir: Path | None = None, wildcards_dir: Path | None = None,
                                loras_dir: Path | None = None, expansion_words: Path | None = None,
-                               refiners: dict[str, Path] | None = None, inpaint_dir: Path | None = None) -> Path:
+                               refiners: dict[str, Path] | None = None, inpaint_dir: Path | None = None,
+                               batch_delay_us: int | None = None) -> Path:
     """`expansion_words`: the expansion's allowed words (one per line), instead of the export's.
     `refiners`: {checkpoint file name: its ONNX folder (`python -m export onnx`)}, whose UNets
-    become refiner leaves. `inpaint_dir`: Fooocus's inpaint engine files."""
+    become refiner leaves. `inpaint_dir`: Fooocus's inpaint engine files. `batch_delay_us`: the
+    leaves' dynamic-batcher queue delay (default: the target's, `export.repository.BATCH_DELAY_US`)."""
     from pipeline.interfaces import ModelDims, leaf_specs
 
     from .repository import write_repository
@@ -118,12 +120,13 @@ def write_repository_from_onnx(onnx_dir: Path, repo: Path, target: str, device: 
                             dims, onnx_dir / "tokenizer.json",
                             target=target, checkpoint_name=meta["checkpoint"], device=device,
                             styles_dir=styles_dir, wildcards_dir=wildcards_dir, loras_dir=loras_dir,
-                            refiners=refiner_unets, inpaint_dir=inpaint_dir, **expansion)
+                            refiners=refiner_unets, inpaint_dir=inpaint_dir, batch_delay_us=batch_delay_us,
+                            **expansion)
 
 
 def write_torch_repository(checkpoint: Path, repo: Path, device: str, work: Path = DEFAULT_BUILD,
                            loras_dir: Path | None = None, expansion: Path | None = None,
-                           expansion_words: Path | None = None) -> Path:
+                           expansion_words: Path | None = None, batch_delay_us: int | None = None) -> Path:
     """A python-torch repository serving `checkpoint` directly (converted to a diffusers folder
     first when it is a single file); `expansion` as in export_checkpoint."""
     from .checkpoint import EXPANSION_DIR, load_checkpoint, model_dims
@@ -154,7 +157,8 @@ def write_torch_repository(checkpoint: Path, repo: Path, device: str, work: Path
             shutil.rmtree(repo)
         return write_repository(repo, None, dims, tokenizer_json, target="python-torch",
                                 checkpoint_name=checkpoint.name, device=device, checkpoint_dir=folder,
-                                loras_dir=loras_dir, expansion_model=expansion_model, **files)
+                                loras_dir=loras_dir, expansion_model=expansion_model,
+                                batch_delay_us=batch_delay_us, **files)
 
 
 def build_default(build: Path = DEFAULT_BUILD) -> Path:
@@ -266,6 +270,9 @@ def main(argv=None) -> int:
                         "ONNX_DIR from `python -m export onnx`; repeatable")
     p.add_argument("--inpaint-dir", type=Path, help="Fooocus's inpaint engine files (fooocus_inpaint_head.pth, "
                                                     "inpaint_v26.fooocus.patch, ...; Fooocus's models/inpaint)")
+    p.add_argument("--batch-delay-us", type=int, metavar="US",
+                   help="leaves' dynamic batcher: how long a request waits for other jobs' requests to batch with "
+                        "(max_queue_delay_microseconds; 0 = never wait; default: the target's, see docs/production.md)")
     p = sub.add_parser("tensorrt", help="build the TensorRT plans of a tensorrt repository (needs TensorRT and a GPU)")
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--timing-cache", type=Path, default=DEFAULT_BUILD / "trt_timing.cache")
@@ -294,7 +301,8 @@ def _run(parser, args) -> int:
             if not args.checkpoint:
                 parser.error("--target python-torch needs --checkpoint")
             print(write_torch_repository(args.checkpoint, args.out, args.device, loras_dir=args.loras_dir,
-                                         expansion=args.expansion, expansion_words=args.expansion_words))
+                                         expansion=args.expansion, expansion_words=args.expansion_words,
+                                         batch_delay_us=args.batch_delay_us))
         else:
             if not args.onnx:
                 parser.error(f"--target {args.target} needs --onnx")
@@ -309,7 +317,8 @@ def _run(parser, args) -> int:
                 refiners[name] = Path(folder)
             print(write_repository_from_onnx(args.onnx, args.out, args.target, args.device,
                                              args.styles_dir, args.wildcards_dir, args.loras_dir,
-                                             args.expansion_words, refiners=refiners, inpaint_dir=args.inpaint_dir))
+                                             args.expansion_words, refiners=refiners, inpaint_dir=args.inpaint_dir,
+                                             batch_delay_us=args.batch_delay_us))
     elif args.command == "tensorrt":
         from .tensorrt import TensorRTUnavailable, build_repository_engines
 

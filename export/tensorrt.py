@@ -13,18 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.interfaces import (PROMPT_EXPANSION, TEXT_ENCODER_G, TEXT_ENCODER_L, TOKENS_PER_CHUNK, UNET,
-                                 UPSCALER, VAE_DECODER, VAE_ENCODER, ModelDims, leaf_specs)
+from pipeline.errors import TensorRTUnavailable  # noqa: F401  (defined there: pipeline.trt_runtime raises it too)
+from pipeline.interfaces import (LEAF_MAX_BATCH, PROMPT_EXPANSION, TOKENS_PER_CHUNK, UNET, UPSCALER, VAE_DECODER,
+                                 VAE_ENCODER, ModelDims, leaf_specs)
 
 log = logging.getLogger(__name__)
-
-
-class TensorRTUnavailable(RuntimeError):
-    """Raised where TensorRT or a CUDA GPU is missing: engines can only be built on the GPU that
-    will run them."""
 
 
 @dataclass(frozen=True)
@@ -32,8 +28,10 @@ class ProfileSettings:
     min_side: int = 576  # smallest side of Fooocus's aspect ratios (1728*576)
     max_side: int = 1728  # largest side
     opt_side: int = 1024
-    max_batch: int = 8  # UNet: CFG pairs of up to 4 jobs batched together
-    max_chunks: int = 4  # prompts up to 4 x 75 tokens
+    # Per leaf: the profile's max batch, at least the config's max_batch_size (the dynamic batcher
+    # merges concurrent jobs' calls up to it; pipeline.interfaces.LEAF_MAX_BATCH).
+    max_batch: dict = field(default_factory=lambda: dict(LEAF_MAX_BATCH))
+    max_chunks: int = 4  # prompts up to 4 x 75 tokens (the UNet's context length)
     fp16: bool = True
     fp16_vae: bool = False  # only for an fp16-safe VAE
     upscaler_tile: int = 512  # pipeline/upscale.py's tile: one tile (batch 1) per call, any size up to it
@@ -51,19 +49,19 @@ def leaf_profiles(dims: ModelDims, s: ProfileSettings = ProfileSettings()) -> di
     opt = _round(s.opt_side, multiple, False)
     f = dims.vae_scale_factor
     axes = {
-        "batch": (1, 2, s.max_batch),
         "latent_height": (lo // f, opt // f, hi // f), "latent_width": (lo // f, opt // f, hi // f),
         "height": (lo, opt, hi), "width": (lo, opt, hi),
         "sequence": (TOKENS_PER_CHUNK, TOKENS_PER_CHUNK, TOKENS_PER_CHUNK * s.max_chunks),
     }
-    text_batch = (1, 1, s.max_batch * s.max_chunks)
     # The expansion GPT-2 runs one prompt at a time over its whole sequence (up to n_positions).
     positions = dims.expansion_positions
-    expansion_axes = {"batch": (1, 1, s.max_batch), "sequence": (1, min(TOKENS_PER_CHUNK, positions), positions)}
+    expansion_axes = {"sequence": (1, min(TOKENS_PER_CHUNK, positions), positions)}
     tile = (1, s.upscaler_tile, s.upscaler_tile)  # edge tiles are narrower: down to 1 px for tiny images
-    upscaler_axes = {"batch": (1, 1, 1), "height": tile, "width": tile}
+    upscaler_axes = {"height": tile, "width": tile}
     out = {}
     for name, spec in leaf_specs(dims).items():
+        top = s.max_batch[name]  # one job's call is the common case: a CFG pair for the UNet and VAE
+        batch = (1, min(2 if name in (UNET, VAE_ENCODER, VAE_DECODER) else 1, top), top)
         shapes = {}
         for t in spec.inputs:
             triple = []
@@ -72,8 +70,8 @@ def leaf_profiles(dims: ModelDims, s: ProfileSettings = ProfileSettings()) -> di
                 for d in t.shape:
                     if isinstance(d, int):
                         shape.append(d)
-                    elif d == "batch" and name in (TEXT_ENCODER_L, TEXT_ENCODER_G):
-                        shape.append(text_batch[k])
+                    elif d == "batch":
+                        shape.append(batch[k])
                     elif name == PROMPT_EXPANSION:
                         shape.append(expansion_axes[d][k])
                     elif name == UPSCALER:
@@ -167,7 +165,11 @@ def _ProgressBar(trt, label: str):
 
 def build_repository_engines(repo: Path, timing_cache: Path, settings: ProfileSettings = ProfileSettings()) -> None:
     """Build `<leaf>/1/model.plan` from `<leaf>/1/model.onnx` for every leaf of a `tensorrt`
-    repository, with the profiles recorded in its `trt_profiles.json`."""
+    repository, with the profiles recorded in its `trt_profiles.json`. The leaves that take weight
+    patches (text encoders, UNet, refiner UNets: `pipeline.trt_runtime.refit_role`) are built
+    refittable; python_trt_leaf refits copies of them per patch set."""
+    from pipeline.trt_runtime import refit_role
+
     _tensorrt()  # fail before any work when there is no TensorRT or GPU
     profiles = json.loads((repo / "trt_profiles.json").read_text())
     for name, profile in profiles.items():
@@ -175,4 +177,4 @@ def build_repository_engines(repo: Path, timing_cache: Path, settings: ProfileSe
         fp16 = settings.fp16 if name not in (VAE_ENCODER, VAE_DECODER) else settings.fp16_vae
         build_engine(version / "model.onnx", version / "model.plan",
                      {k: tuple(tuple(s) for s in v) for k, v in profile.items()},
-                     fp16=fp16, refittable=name == UNET, timing_cache=timing_cache)
+                     fp16=fp16, refittable=refit_role(name) is not None, timing_cache=timing_cache)

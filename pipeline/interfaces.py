@@ -25,6 +25,24 @@ UPSCALER = "upscaler"  # optional: the ESRGAN x4 upscaler (checkpoint-independen
 # `upscaler` when the export recorded `upscaler_scale`.
 LEAF_MODEL_NAMES = (TEXT_ENCODER_L, TEXT_ENCODER_G, UNET, VAE_ENCODER, VAE_DECODER, PROMPT_EXPANSION, UPSCALER)
 OPTIONAL_LEAF_NAMES = (PROMPT_EXPANSION, UPSCALER)
+# The largest batch (axis 0) one call of each leaf takes: its config's `max_batch_size` (Triton's
+# dynamic batcher merges concurrent jobs' calls up to it), its TensorRT profile's max batch, and
+# the size the pipeline splits larger calls into (pipeline.batching). A refiner UNet takes the
+# UNet's. Sized for 4 concurrent jobs (the pipeline's default `max_concurrent_jobs`).
+LEAF_MAX_BATCH = {
+    TEXT_ENCODER_L: 32,  # 4 jobs x (positive, negative) x up to 4 chunks of 75 tokens
+    TEXT_ENCODER_G: 32,
+    UNET: 8,  # 4 jobs x a CFG pair
+    VAE_ENCODER: 8,
+    VAE_DECODER: 8,
+    PROMPT_EXPANSION: 8,
+    UPSCALER: 1,  # one 512-px tile per call (pipeline.upscale): 4x outputs are large, no batching
+}
+
+
+def leaf_max_batch(role: str) -> int:
+    """LEAF_MAX_BATCH of a leaf role (`unet` for a refiner's UNet)."""
+    return LEAF_MAX_BATCH[role]
 
 INPAINT_HEAD_PARAM = "model.conv_in.inpaint_head"  # the UNet leaf's inpaint-head weight (see leaf_specs)
 # The Triton request parameter (a JSON string) that carries a weight-patch set to the text encoders

@@ -10,8 +10,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.checkpoint import CONFIG_DIR
-from export.repository import TRITON_DTYPES
-from pipeline.interfaces import LEAF_MODEL_NAMES, PIPELINE_SPEC, ModelDims, leaf_specs
+from export.repository import BATCH_DELAY_US, NO_BATCH_DELAY, TRITON_DTYPES
+from pipeline.interfaces import LEAF_MODEL_NAMES, PIPELINE_SPEC, UNET, ModelDims, leaf_max_batch, leaf_specs
+from pipeline.lora import PATCHABLE_LEAVES
 
 
 def test_shipped_sdxl_configs_build_sdxl_sized_modules():
@@ -83,28 +84,84 @@ LEAF_PLATFORMS = {"python-ort": ("python", ""), "onnxruntime": ("", "onnxruntime
                   "tensorrt": ("", "tensorrt_plan")}
 
 
+def check_batched_config(config, spec, want_max_batch: int, want_delay_us: int):
+    """A leaf config with Triton's batch axis: max_batch_size from the interface, dims = the spec's
+    shape past its "batch" axis ([B]-only tensors: dims [1] reshaped to []), and the dynamic
+    batcher with the queue delay wanted when the leaf batches at all."""
+    assert config.max_batch_size == want_max_batch
+    if want_max_batch > 1:
+        assert config.HasField("dynamic_batching")
+        assert config.dynamic_batching.max_queue_delay_microseconds == want_delay_us
+    else:
+        assert not config.HasField("dynamic_batching")
+    for tensors, specs in ((config.input, spec.inputs), (config.output, spec.outputs)):
+        assert [t.name for t in tensors] == [t.name for t in specs]
+        for cfg, want in zip(tensors, specs):
+            assert model_config_pb2.DataType.Name(cfg.data_type) == TRITON_DTYPES[want.dtype]
+            assert want.shape[0] == "batch"
+            if len(want.shape) == 1:
+                assert list(cfg.dims) == [1] and cfg.HasField("reshape") and list(cfg.reshape.shape) == []
+                continue
+            assert not cfg.HasField("reshape")
+            assert list(cfg.dims) == [w if isinstance(w, int) else -1 for w in want.shape[1:]]
+
+
 @pytest.mark.parametrize("target", list(LEAF_PLATFORMS))
 @pytest.mark.parametrize("name", LEAF_MODEL_NAMES)
 def test_leaf_config_and_onnx_agree_with_the_interface(name, target, repositories, repo_dims):
     repo = repositories[target]
     spec = leaf_specs(repo_dims)[name]
     config = parse_config(repo / name / "config.pbtxt")
-    assert config.name == name and (config.backend, config.platform) == LEAF_PLATFORMS[target]
+    platforms = {LEAF_PLATFORMS[target]}
+    if target == "tensorrt" and name in PATCHABLE_LEAVES:  # refittable plans may run in a python leaf
+        platforms.add(("python", ""))
+    assert config.name == name and (config.backend, config.platform) in platforms
+    delay = 0 if name in NO_BATCH_DELAY else BATCH_DELAY_US["cpu"]  # these repositories: device cpu
+    check_batched_config(config, spec, leaf_max_batch(name), delay)
     onnx_model = onnx.load(str(repo / name / "1" / "model.onnx"), load_external_data=False)
     onnx_inputs = {i.name: i for i in onnx_model.graph.input}
     onnx_outputs = {o.name: o for o in onnx_model.graph.output}
     for tensors, onnx_tensors, specs in ((config.input, onnx_inputs, spec.inputs),
                                          (config.output, onnx_outputs, spec.outputs)):
         assert [t.name for t in tensors] == [t.name for t in specs] == list(onnx_tensors)
-        for cfg, want in zip(tensors, specs):
-            assert model_config_pb2.DataType.Name(cfg.data_type) == TRITON_DTYPES[want.dtype]
-            onnx_dims = onnx_tensors[cfg.name].type.tensor_type.shape.dim
-            assert len(cfg.dims) == len(want.shape) == len(onnx_dims)
-            for c, w, o in zip(cfg.dims, want.shape, onnx_dims):
+        for want in specs:
+            onnx_dims = onnx_tensors[want.name].type.tensor_type.shape.dim
+            assert len(want.shape) == len(onnx_dims)
+            assert onnx_dims[0].dim_param and not onnx_dims[0].dim_value  # the batch axis is dynamic
+            for w, o in zip(want.shape, onnx_dims):
                 if isinstance(w, int):
-                    assert c == w == o.dim_value
-                else:  # dynamic axis: -1 in Triton, symbolic in ONNX
-                    assert c == -1 and o.dim_param and not o.dim_value
+                    assert w == o.dim_value
+                else:  # dynamic axis: symbolic in ONNX
+                    assert o.dim_param and not o.dim_value
+
+
+def test_refiner_leaf_batches_like_the_unet(model_repository, repo_dims):
+    (refiner,) = [p.parent for p in model_repository.glob(f"{UNET}__*/config.pbtxt")]
+    config = parse_config(refiner / "config.pbtxt")
+    assert config.name == refiner.name
+    check_batched_config(config, leaf_specs(repo_dims)[UNET], leaf_max_batch(UNET), BATCH_DELAY_US["cpu"])
+
+
+def test_python_torch_leaf_configs_batch(onnx_dir, tiny_checkpoint, repo_dims, tmp_path):
+    from export.repository import write_repository
+
+    repo = write_repository(tmp_path / "repo", None, repo_dims, onnx_dir / "tokenizer.json", target="python-torch",
+                            device="gpu", checkpoint_dir=tiny_checkpoint)
+    for name, spec in leaf_specs(repo_dims).items():
+        config = parse_config(repo / name / "config.pbtxt")
+        assert config.backend == "python" and config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        check_batched_config(config, spec, leaf_max_batch(name), 0 if name in NO_BATCH_DELAY else BATCH_DELAY_US["gpu"])
+
+
+def test_batch_delay_option_reaches_every_batching_leaf(onnx_dir, repo_dims, tmp_path):
+    from export.__main__ import main
+
+    repo = tmp_path / "repo"
+    assert main(["repository", "--onnx", str(onnx_dir), "--out", str(repo), "--target", "onnxruntime",
+                 "--device", "gpu", "--batch-delay-us", "750"]) == 0
+    for name, spec in leaf_specs(repo_dims).items():
+        config = parse_config(repo / name / "config.pbtxt")
+        check_batched_config(config, spec, leaf_max_batch(name), 0 if name in NO_BATCH_DELAY else 750)
 
 
 @pytest.mark.parametrize("target", list(LEAF_PLATFORMS))
@@ -115,6 +172,12 @@ def test_pipeline_config_is_decoupled_and_the_same_for_every_target(target, repo
     assert [t.name for t in config.input] == ["task"] and [t.name for t in config.output] == ["event", "image"]
     assert (repo / PIPELINE_SPEC.name / "1" / "model.py").read_bytes() == \
         (repositories["python-ort"] / PIPELINE_SPEC.name / "1" / "model.py").read_bytes()
+    # The BLS runs where the leaves do: on the GPU for TensorRT, its tensors crossing by DLPack.
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    on_gpu = target == "tensorrt"
+    assert (config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU) == on_gpu
+    assert params.get("device", "cpu") == ("cuda" if on_gpu else "cpu")
+    assert params.get("FORCE_CPU_ONLY_INPUT_TENSORS", "yes") == ("no" if on_gpu else "yes")
 
 
 def test_tensorrt_profiles_agree_with_onnx_and_cover_fooocus_sizes(repositories, repo_dims):
@@ -141,6 +204,11 @@ def test_tensorrt_profiles_agree_with_onnx_and_cover_fooocus_sizes(repositories,
         assert lo[0] <= 2 <= hi[0] and lo[2] <= h // f <= hi[2] and lo[3] <= w // f <= hi[3], ratio
     (lo, _, hi) = profiles["vae_decoder"]["latent"]
     assert lo[2] * f <= 576 and hi[3] * f >= 1728
+    for name, profile in profiles.items():  # every input's batch range holds the config's max batch
+        config = parse_config(repo / name / "config.pbtxt")
+        assert config.max_batch_size == leaf_max_batch(name)
+        for tensor, (lo, opt, hi) in profile.items():
+            assert lo[0] == 1 <= opt[0] <= config.max_batch_size <= hi[0], (name, tensor)
 
 
 def test_tensorrt_build_stops_with_a_clear_error_without_tensorrt_or_gpu(repositories, tmp_path):

@@ -193,10 +193,12 @@ run_case pipeline -m fooocus_pipeline -i grpc -u "$URL" --streaming \
     --measurement-mode count_windows --measurement-request-count "$PIPELINE_REQUESTS" \
     --stability-percentage 50 --max-trials 6
 # (ii) the unet leaf alone: one CFG batch (2 x latent), random FP32 data.
-run_case unet -m unet -i grpc -u "$URL" \
-    --shape "sample:2,$LATENT_C,$LATENT_HW,$LATENT_HW" --shape timestep:2 \
-    --shape "encoder_hidden_states:2,77,$CONTEXT_W" --shape "text_embeds:2,$POOLED_W" --shape time_ids:2,6 \
-    --shape "inpaint_latent:2,$((LATENT_C + 1)),$LATENT_HW,$LATENT_HW" --shape freeu:2,4 \
+# The leaf's config has Triton's batch axis (max_batch_size > 0): -b 2, shapes without it; the
+# per-sample timestep is dims [1] (reshaped to a scalar per sample).
+run_case unet -m unet -i grpc -u "$URL" -b 2 \
+    --shape "sample:$LATENT_C,$LATENT_HW,$LATENT_HW" --shape timestep:1 \
+    --shape "encoder_hidden_states:77,$CONTEXT_W" --shape "text_embeds:$POOLED_W" --shape time_ids:6 \
+    --shape "inpaint_latent:$((LATENT_C + 1)),$LATENT_HW,$LATENT_HW" --shape freeu:4 \
     --concurrency-range 1:2 --measurement-interval "$UNET_WINDOW_MS" --stability-percentage 25 --max-trials 8
 
 # (d) the summary --------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ import csv, os, sys
 
 pa_dir, size, steps, c, hw = sys.argv[1:]
 cases = [("pipeline", f"fooocus_pipeline, gRPC streaming, {size}x{size}, {steps} steps", "req/s"),
-         ("unet", f"unet leaf, gRPC, batch 2 x {c}x{hw}x{hw}", "infer/s")]
+         ("unet", f"unet leaf, gRPC, batch 2 x {c}x{hw}x{hw}", "samples/s")]
 print("summary (latency in ms; throughput per second)")
 print(f"| case | concurrency | throughput | p50 | p99 |")
 print(f"|---|---|---|---|---|")

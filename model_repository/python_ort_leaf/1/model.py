@@ -5,12 +5,17 @@ file, which the exporter wrote from `pipeline.interfaces`. A request may carry a
 (request parameter `PATCHES_PARAMETER`: LoRAs, the inpaint patch and head); it runs on a session
 with those weights merged (`pipeline.models.PatchedSessions`, LRU-cached: config parameter
 `patched_sessions` or env FOOOCUS_PATCHED_SESSIONS, default 2 besides the base). Counters:
-`fooocus_patched_session_lookups_total{model, result=base|hit|miss}` on Triton's metrics port."""
+`fooocus_patched_session_lookups_total{model, result=base|hit|miss}` on Triton's metrics port.
+
+Triton's dynamic batcher may hand one `execute` the requests of several jobs: those that run on
+the same session with the same non-batch shapes are concatenated and run as one call
+(`pipeline.batching.run_grouped`); a request whose patch set cannot be applied fails alone."""
 import json
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from pipeline.batching import PatchSetError, error_message, run_grouped
 from pipeline.interfaces import PATCHES_PARAMETER
 from pipeline.lora import from_json
 from pipeline.models import PatchedSessions
@@ -34,18 +39,21 @@ class TritonPythonModel:
         self.lookups = {r: family.Metric(labels={"model": config["name"], "result": r}) for r in ("base", "hit", "miss")}
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                patches = from_json(json.loads(request.parameters() or "{}").get(PATCHES_PARAMETER))
-                session = self.sessions.session(patches)
-            except Exception as exc:  # a broken patch file fails this request, not the model
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"weight patches: {type(exc).__name__}: {exc}")))
-                continue
-            self.lookups[self.sessions.last].increment(1)
-            feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
-            outputs = session.run(self.output_names, feeds)
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(n, v) for n, v in zip(self.output_names, outputs)]))
-        return responses
+        items = [self._item(request) for request in requests]  # (session, inputs) or the request's error
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error_message(out)))
+                if isinstance(out, BaseException) else
+                pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.output_names])
+                for out in run_grouped(items, self._run)]
+
+    def _item(self, request):
+        try:
+            patches = from_json(json.loads(request.parameters() or "{}").get(PATCHES_PARAMETER))
+            session = self.sessions.session(patches)
+        except Exception as exc:  # a broken patch file fails this request, not the model
+            return PatchSetError.wrapping(exc)
+        self.lookups[self.sessions.last].increment(1)
+        return session, {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
+
+    def _run(self, session, feeds):
+        return dict(zip(self.output_names, session.run(self.output_names, feeds)))
+

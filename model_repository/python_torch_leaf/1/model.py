@@ -5,14 +5,20 @@ Tensors cross the Python backend boundary by DLPack, so with FORCE_CPU_ONLY_INPU
 GPU input arrives on the GPU and the output leaves from it without a host copy. Parameters:
 `checkpoint` (diffusers folder), `device` (cuda|cpu|auto), `dtype` (float16|float32), `compile`
 (torch.compile with CUDA graphs: true|false), `patched_sessions` (merged weight-patch sets kept,
-default 2: pipeline.lora.TorchPatcher)."""
+default 2: pipeline.lora.TorchPatcher).
+
+Triton's dynamic batcher may hand one `execute` the requests of several jobs: those with the same
+patch set (this leaf's part of it) and the same non-batch shapes are concatenated and run as one
+forward (`pipeline.batching.run_grouped`), each patch set merged once; a request whose patch set
+cannot be read or applied fails alone (with its group, when others share that same set)."""
 import json
 
 import torch
 import triton_python_backend_utils as pb_utils
 
+from pipeline.batching import PatchSetError, error_message, run_grouped
 from pipeline.interfaces import PATCHES_PARAMETER
-from pipeline.lora import TorchPatcher, from_json
+from pipeline.lora import TorchPatcher, for_leaf, from_json
 from pipeline.torch_leaves import load_leaf
 
 
@@ -42,6 +48,7 @@ class TritonPythonModel:
         if params.get("compile", "false") == "true" and self.device.type == "cuda":
             module = torch.compile(module, mode="reduce-overhead", dynamic=False)
         self.module = module
+        self.role = config["name"]
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
 
@@ -51,18 +58,28 @@ class TritonPythonModel:
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                patches = from_json(json.loads(request.parameters() or "{}").get(PATCHES_PARAMETER))
-                self.lookups[self.patcher.apply(patches)].increment(1)
-            except Exception as exc:  # a broken patch file fails this request, not the model
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"weight patches: {type(exc).__name__}: {exc}")))
-                continue
-            with torch.inference_mode():
-                out = self.module(*[self._input(request, n) for n in self.input_names])
-            out = out if isinstance(out, tuple) else (out,)
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor.from_dlpack(n, t.float().contiguous()) for n, t in zip(self.output_names, out)]))
-        return responses
+        items = [self._item(request) for request in requests]  # (patch set, inputs) or the request's error
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error_message(out)))
+                if isinstance(out, BaseException) else
+                pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(n, out[n].contiguous())
+                                            for n in self.output_names])
+                for out in run_grouped(items, self._run)]
+
+    def _item(self, request):
+        try:
+            # This leaf's part of the set is the group key: sets that differ elsewhere run together.
+            patches = for_leaf(self.role, from_json(json.loads(request.parameters() or "{}").get(PATCHES_PARAMETER)))
+        except Exception as exc:  # an unreadable patch parameter fails this request, not the model
+            return PatchSetError.wrapping(exc)
+        return patches, {n: self._input(request, n) for n in self.input_names}
+
+    def _run(self, patches, inputs):
+        try:
+            self.lookups[self.patcher.apply(patches)].increment(1)
+        except Exception as exc:  # a broken patch file fails the requests with this set, not the model
+            raise PatchSetError.wrapping(exc) from exc
+        with torch.inference_mode():
+            out = self.module(*[inputs[n] for n in self.input_names])
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: t.float() for n, t in zip(self.output_names, out)}
+
