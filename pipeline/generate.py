@@ -15,16 +15,16 @@ from .freeu import freeu_factors
 from .image_tasks import (DECODE_OVERLAP, DECODE_TILINGS, ENCODE_OVERLAP, ENCODE_TILINGS, OUTPAINT_SIDES,
                           UOV_METHODS, UPSCALE_METHODS, VARY_STRENGTHS, binary_mask, center_crop_multiple,
                           decode_b64_image, decode_b64_mask, erode_or_dilate, inpaint_region, lanczos, latent_mask,
-                          masked_grey, outpaint, tiled_apply, to_model_image, upscale_plan, upscale_strength,
+                          masked_grey, outpaint, tiled_scale, to_model_image, upscale_plan, upscale_strength,
                           vary_image, vary_strength)
 from .interfaces import PROMPT_EXPANSION, UNET, UPSCALER, VAE_DECODER, VAE_ENCODER, ModelDims, leaf_specs
 from .lora import FOOOCUS_PATCH, INPAINT_HEAD, MissingModelFile, Patch, TaskLoras, for_leaf, resolve_loras_dir, task_loras
 from .models import ModelRunner, with_patches
 from .errors import UnsupportedFeature
 from .guidance import adm_emphasized, adm_time_ids, guided_denoised
-from .previews import preview_png_b64
+from .previews import StepPreviews
 from .prompts import WildcardLibrary, process_prompts
-from .samplers import ANCESTRAL_SAMPLERS, SAMPLERS, SCHEDULE_SAMPLERS, SDE_SAMPLERS, BrownianTreeNoise
+from .samplers import ANCESTRAL_SAMPLERS, SAMPLERS, SCHEDULE_SAMPLERS, SDE_SAMPLERS, BrownianTreeNoise, to_device
 from .schedules import DiscreteSchedule, calculate_sigmas, lcm_denoised, model_sampling_for
 from .styles import EXPANSION_STYLE, StyleLibrary
 from .task import GenerationTask
@@ -32,9 +32,9 @@ from .text import ClipTokenizer, PromptEncoder, match_lengths
 
 # Fooocus's progress bar: 0-15 % preparation, 15-100 % sampling steps across all images.
 PROGRESS_SAMPLING_START = 15
-# Targets whose leaves are Triton's own backends: the weights are fixed at load (the TensorRT
-# refitter will lift this for `tensorrt`).
-STATIC_WEIGHT_TARGETS = ("onnxruntime", "tensorrt")
+# Targets whose patchable leaves are Triton's own backends: the weights are fixed at load
+# (`tensorrt` serves them by refit: pipeline.trt_runtime).
+STATIC_WEIGHT_TARGETS = ("onnxruntime",)
 
 Emit = Callable[[dict, "np.ndarray | None"], None]
 
@@ -65,12 +65,16 @@ class Pipeline:
     checkpoint_name: str = ""
     refiners: dict = field(default_factory=dict)
     inpaint_dir: str | Path | None = None
+    # Where the step loop's tensors live (the BLS on a GPU: "cuda:N"; see `run`). Leaf calls
+    # return their outputs on the device of their inputs (pipeline.models).
+    device: torch.device | str = "cpu"
     _expander: PromptExpander | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_dir(cls, pipeline_dir: str | Path, models: ModelRunner, styles_dir: str | Path | None = None,
                  wildcards_dir: str | Path | None = None, expansion_words: str | Path | None = None,
-                 loras_dir: str | Path | None = None, inpaint_dir: str | Path | None = None) -> "Pipeline":
+                 loras_dir: str | Path | None = None, inpaint_dir: str | Path | None = None,
+                 device: torch.device | str = "cpu") -> "Pipeline":
         """`pipeline_dir` is what the exporter writes: model_info.json and tokenizer.json. Optional
         folders of Fooocus-format style files and of wildcard files extend the built-ins. The
         expansion's allowed words: `expansion_words` (a file, one word per line), else
@@ -86,7 +90,7 @@ class Pipeline:
         return cls(models, ClipTokenizer(pipeline_dir / "tokenizer.json"), dims,
                    StyleLibrary.from_folder(styles_dir), WildcardLibrary.from_dir(wildcards_dir),
                    tokenizer, words, info.get("target", "python-ort"), loras_dir, info.get("checkpoint", ""),
-                   dict(info.get("refiners", {})), inpaint_dir)
+                   dict(info.get("refiners", {})), inpaint_dir, torch.device(device))
 
     @property
     def expander(self) -> PromptExpander | None:
@@ -99,7 +103,12 @@ class Pipeline:
 
     def run(self, task: GenerationTask, emit: Emit, is_cancelled: Callable[[], bool] = lambda: False) -> None:
         """Generate every image of the task. Emits progress events and, per image, a result event
-        with the HxWx3 uint8 image. Raises Cancelled, UnsupportedFeature or ValueError."""
+        with the HxWx3 uint8 image. Raises Cancelled, UnsupportedFeature or ValueError.
+
+        The sampling state (latents, conditioning, noise) lives on `self.device`; noise is drawn
+        on the CPU (seeded generators, the same numbers on every device) and moved; sigmas and
+        timesteps stay host scalars, so the step loop reads nothing back from the device (step
+        previews are copied asynchronously: pipeline.previews.StepPreviews)."""
         task.validate(int(self.dims.extra.get("size_multiple", self.dims.vae_scale_factor)))
         sampler = SAMPLERS.get(task.sampler)
         if sampler is None:
@@ -124,6 +133,7 @@ class Pipeline:
         steps = len(sigmas) - 1  # ddim_uniform and turbo may differ from the requested count
         total_steps = steps * len(seeds)
         previews = not task.adv("disable_preview", False)
+        device = torch.device(self.device)
 
         fields = {**task.extra, "prompt": canvas.prompt if canvas.prompt is not None else task.prompt,
                   "negative_prompt": task.negative_prompt, "advanced_params": task.advanced_params}
@@ -157,10 +167,10 @@ class Pipeline:
                             width // self.dims.vae_scale_factor)
             # One generator per image: the initial noise, then (ancestral samplers) each step's noise.
             generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32)
+            noise = to_device(torch.randn(latent_shape, generator=generator, dtype=torch.float32), device)
             x = noise * initial_noise_scale(sigmas, schedule)
             if canvas.latent is not None:
-                x = x + canvas.latent
+                x = x + canvas.latent.to(device)
             if canvas.inpaint is not None:
                 denoise = canvas.inpaint.wrap(denoise, seed)
             kwargs = {}
@@ -172,6 +182,8 @@ class Pipeline:
             if task.sampler in SCHEDULE_SAMPLERS:
                 kwargs["schedule"] = schedule
 
+            preview = StepPreviews(device) if previews else None
+
             def on_step(i, _x, denoised, index=index):
                 if is_cancelled():
                     raise Cancelled()
@@ -180,8 +192,10 @@ class Pipeline:
                 event = {"type": "progress", "progress": PROGRESS_SAMPLING_START + (85 * done) // total_steps,
                          "status": f"Step {step}/{steps} in the {index + 1}-th Sampling",
                          "step": step, "steps": steps, "image_index": index}
-                if previews:
-                    event["preview"] = preview_png_b64(denoised)
+                if preview is not None:
+                    png = preview.latest(denoised)
+                    if png is not None:
+                        event["preview"] = png
                 emit(event, None)
 
             if len(phases) == 1 or switch >= steps:
@@ -203,7 +217,7 @@ class Pipeline:
                                  callback=on_step, **kwargs)
                 state["phase"] = phases[1]
                 refine = sigmas[switch:] * REFINER_VAE_SIGMA_SCALE
-                fresh = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + 1))
+                fresh = to_device(torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + 1)), device)
                 if state.get("eps") is not None:  # the channel mean of the base's last prediction
                     fresh = fresh + state["eps"].mean(dim=1, keepdim=True) - fresh.mean(dim=1, keepdim=True)
                 x2 = latent + fresh * refine[0]
@@ -342,8 +356,7 @@ class Pipeline:
 
         if tiled:
             f = 1.0 / self.dims.vae_scale_factor
-            latent = sum(tiled_apply(run, pixels, t, ENCODE_OVERLAP, f, self.dims.latent_channels)
-                         for t in ENCODE_TILINGS) / len(ENCODE_TILINGS)
+            latent = sum(tiled_scale(run, pixels, t, ENCODE_OVERLAP, f) for t in ENCODE_TILINGS) / len(ENCODE_TILINGS)
         else:
             latent = run(pixels)
         return latent * self.dims.vae_scaling_factor
@@ -408,9 +421,12 @@ class Pipeline:
         text_embeds = pooled if single else torch.cat([pooled, pooled_neg])
         batch = context.shape[0]
         f = self.dims.vae_scale_factor
-        zero_head = torch.zeros(batch, self.dims.latent_channels + 1, height // f, width // f)
-        head = inpaint_latent.repeat(batch, 1, 1, 1) if inpaint_latent is not None else zero_head
-        freeu = freeu_factors(task).repeat(batch, 1)  # FreeU v2 (b1, b2, s1, s2), identity when off
+        device = torch.device(self.device)
+        context, text_embeds = context.to(device), text_embeds.to(device)
+        emph_pos, emph_neg, consistent = emph_pos.to(device), emph_neg.to(device), consistent.to(device)
+        zero_head = torch.zeros(batch, self.dims.latent_channels + 1, height // f, width // f, device=device)
+        head = inpaint_latent.to(device).repeat(batch, 1, 1, 1) if inpaint_latent is not None else zero_head
+        freeu = freeu_factors(task).to(device).repeat(batch, 1)  # FreeU v2 (b1, b2, s1, s2), identity when off
         no_freeu = torch.ones_like(freeu)
 
         def unet(inputs: dict) -> torch.Tensor:
@@ -422,7 +438,7 @@ class Pipeline:
             return out["noise_pred"]
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            timestep = schedule.timestep(sigma.reshape(1))
+            timestep = schedule.timestep(sigma.reshape(1))  # a host scalar, like sigma
             emphasized = adm_emphasized(float(timestep), adm_end)
             ids_pos = emph_pos if emphasized else consistent
             ids = ids_pos if single else torch.cat([ids_pos, emph_neg if emphasized else consistent])
@@ -432,7 +448,7 @@ class Pipeline:
                 "encoder_hidden_states": context, "text_embeds": text_embeds, "time_ids": ids,
             })
             if parameterisation == "lcm":  # LCM's consistency parameterisation (Extreme Speed)
-                denoised = lcm_denoised(x, sigma, eps, timestep)
+                denoised = lcm_denoised(x, sigma, eps, timestep.reshape(()))
             else:
                 denoised = x - sigma * eps
             if not single:
@@ -452,12 +468,12 @@ class Pipeline:
             return self.models(VAE_DECODER, {"latent": z})["image"]
 
         if tiled:
-            image = sum(tiled_apply(run, latent, t, DECODE_OVERLAP, self.dims.vae_scale_factor, 3)
+            image = sum(tiled_scale(run, latent, t, DECODE_OVERLAP, self.dims.vae_scale_factor)
                         for t in DECODE_TILINGS) / len(DECODE_TILINGS)
         else:
             image = run(latent)
         image = torch.clamp((image[0] + 1.0) / 2.0, 0.0, 1.0)
-        return np.clip(255.0 * image.permute(1, 2, 0).numpy(), 0, 255).astype(np.uint8)
+        return np.clip(255.0 * image.permute(1, 2, 0).cpu().numpy(), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -490,11 +506,14 @@ class InpaintBlend:
     mask: torch.Tensor  # (1, 1, h, w), 1 = generate
 
     def wrap(self, denoise, seed: int):
-        energy = torch.Generator().manual_seed(seed + 1)
+        energy = torch.Generator().manual_seed(seed + 1)  # on the CPU: the same noise on every device
         m, fill = self.mask, self.fill
 
         def blended(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            n = torch.randn(x.shape, generator=energy, dtype=x.dtype)
+            nonlocal m, fill
+            if m.device != x.device:
+                m, fill = m.to(x.device), fill.to(x.device)
+            n = to_device(torch.randn(x.shape, generator=energy, dtype=x.dtype), x.device)
             x = x * m + (fill + sigma * n) * (1 - m)
             return denoise(x, sigma) * m + fill * (1 - m)
 

@@ -313,49 +313,49 @@ def masked_grey(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 255.0 * (1 - w) + 0.5 * w
 
 
-def tiles(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile start offsets along one axis: every (tile - overlap), the last one flush with the end."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Fooocus's tile origins along one axis of `size` (its `tiled_scale`): every `tile - overlap`,
+    each pulled back to at most `size - overlap` (so a size equal to the tile leaves an
+    `overlap`-wide strip for a second tile, as Fooocus does)."""
+    return [max(0, min(size - overlap, start)) for start in range(0, size, tile - overlap)]
 
 
-def tiled_apply(fn, x, tile_hw: tuple[int, int], overlap: int, scale: float, out_channels: int):
-    """Apply `fn` ((1, C, h, w) -> (1, C', h*scale, w*scale)) over overlapping tiles of x and blend
-    them with linear ramps `overlap * scale` wide at the inner tile edges."""
+def feather(length: int, width: int):
+    """Weights along one axis of a tile's output: (t + 1) / width for the t-th pixel from either
+    end (t < width), 1 inside; both ramps multiply where a short tile has them overlap."""
+    import torch
+
+    i = torch.arange(length, dtype=torch.float32)
+    return (torch.clamp((i + 1) / width, max=1.0) * torch.clamp((length - i) / width, max=1.0)
+            if width > 0 else torch.ones(length))
+
+
+def tiled_scale(fn, x, tile_hw: tuple[int, int], overlap: int, scale: float | None = None):
+    """Fooocus's `tiled_scale`: apply `fn` ((1, C, h, w) -> (1, C', h*scale, w*scale)) to
+    overlapping tiles of x (`tile_hw` = (height, width), origins `tile_starts`), weight each
+    output by `feather` ramps `round(overlap * scale)` wide on all four sides and divide the
+    weighted sum by the summed weights. `scale` None: read off the first tile's output. The result
+    is on x's device (tile outputs are moved there)."""
     import torch
 
     _, _, h, w = x.shape
-    th, tw = min(tile_hw[0], h), min(tile_hw[1], w)
-    out = torch.zeros(1, out_channels, int(h * scale), int(w * scale))
-    weight = torch.zeros(1, 1, int(h * scale), int(w * scale))
-    feather = max(1, int(round(overlap * scale)))
-    for y in tiles(h, th, overlap):
-        for x0 in tiles(w, tw, overlap):
-            piece = fn(x[:, :, y:y + th, x0:x0 + tw])
-            ph, pw = piece.shape[-2:]
-            ramp_h = _ramp(ph, feather, y > 0, y + th < h)
-            ramp_w = _ramp(pw, feather, x0 > 0, x0 + tw < w)
-            m = (ramp_h[:, None] * ramp_w[None, :])[None, None]
-            oy, ox = int(y * scale), int(x0 * scale)
-            out[:, :, oy:oy + ph, ox:ox + pw] += piece * m
-            weight[:, :, oy:oy + ph, ox:ox + pw] += m
+    th, tw = tile_hw
+    out = weight = None
+    for y in tile_starts(h, th, overlap):
+        for x0 in tile_starts(w, tw, overlap):
+            piece = x[:, :, y:y + th, x0:x0 + tw].contiguous()
+            result = fn(piece).float().to(x.device)
+            if out is None:
+                scale = scale if scale is not None else result.shape[-1] / piece.shape[-1]
+                out = torch.zeros(1, result.shape[1], round(h * scale), round(w * scale), device=x.device)
+                weight = torch.zeros(1, 1, round(h * scale), round(w * scale), device=x.device)
+            ramp = round(overlap * scale)
+            mask = (feather(result.shape[-2], ramp)[:, None] * feather(result.shape[-1], ramp)[None, :]).to(x.device)
+            rows = slice(round(y * scale), round(y * scale) + result.shape[-2])
+            cols = slice(round(x0 * scale), round(x0 * scale) + result.shape[-1])
+            out[:, :, rows, cols] += result * mask
+            weight[:, :, rows, cols] += mask
     return out / weight
-
-
-def _ramp(n: int, feather: int, start: bool, end: bool):
-    import torch
-
-    r = torch.ones(n)
-    f = min(feather, n)
-    ramp = torch.arange(1, f + 1, dtype=torch.float32) / f
-    if start:
-        r[:f] = torch.minimum(r[:f], ramp)
-    if end:
-        r[n - f:] = torch.minimum(r[n - f:], ramp.flip(0))
-    return r
 
 
 # Fooocus's tiled VAE: the average of three tilings (square, wide, tall).

@@ -12,8 +12,9 @@ Conventions
   DPM-Solver step (about steps / 3), `dpm_adaptive` once per attempted step (count not known ahead).
 * Fresh noise (ANCESTRAL_SAMPLERS: ancestral, ddpm, lcm, tcd, restart) comes from `noise_sampler`
   if one is given (a callable (sigma, sigma_next) -> unit normal like x), otherwise from
-  `torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)`, drawn in step
-  order (the generator must live on x's device). With neither, the global RNG is used.
+  `torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)`, drawn in step
+  order and moved to x's device (a CPU generator gives the same noise whatever device x is on).
+  With neither, the global RNG is used.
   Fooocus draws this noise with `torch.randn_like` on the GPU's default generator seeded by the
   image seed (not bit-reproducible off CUDA). Here: pass the generator seeded by the image seed
   that already drew the initial latent noise, so the step noise continues its stream (a fresh
@@ -77,9 +78,19 @@ def _fresh_noise(x: torch.Tensor, noise_sampler: NoiseSampler, generator: torch.
     def draw(_sigma, _sigma_next):
         if generator is None:
             return torch.randn_like(x)
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        # Drawn where the generator lives (the CPU, for seed parity with every device), then moved.
+        return to_device(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device), x.device)
 
     return draw
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device`; a host tensor goes to a CUDA device through pinned memory without
+    blocking the host (the step loop never waits for the device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, noise_sampler: NoiseSampler,
@@ -842,13 +853,18 @@ class BrownianTreeNoise:
     """Noise for SDE samplers from one Brownian motion W over [sigma_min, sigma_max], seeded by the
     image seed (Fooocus uses one tree per diffusion run). For the interval (sigma, sigma') it
     returns (W(sigma') - W(sigma)) / sqrt(|sigma' - sigma|), a unit normal that is the same for
-    the same seed whatever the step count, so SDE samplers converge as steps grow."""
+    the same seed whatever the step count, so SDE samplers converge as steps grow.
+
+    The tree lives on the CPU whatever x's device (its noise is moved to x's device): the same
+    seed gives the same noise on every device. (Fooocus's `_gpu` samplers grow it on the GPU, whose
+    generator draws other numbers.)"""
 
     def __init__(self, x: torch.Tensor, sigma_min: float, sigma_max: float, seed: int):
         import torchsde  # the Brownian interval implementation k-diffusion and Fooocus use
 
+        self.device = x.device
         self.tree = torchsde.BrownianTree(
-            t0=float(sigma_min), w0=torch.zeros_like(x),
+            t0=float(sigma_min), w0=torch.zeros(x.shape, dtype=x.dtype),
             t1=float(sigma_max), entropy=int(seed) % (2**63),
         )
 
@@ -860,7 +876,7 @@ class BrownianTreeNoise:
             # sigma_max up to that rounding; the query is inside the interval, so it is harmless.
             warnings.filterwarnings("ignore", message="Should have")
             w = self.tree(lo, hi) * sign
-        return w / abs(float(sigma_next) - float(sigma)) ** 0.5
+        return to_device(w / abs(float(sigma_next) - float(sigma)) ** 0.5, self.device)
 
 
 SAMPLERS = {

@@ -188,15 +188,17 @@ def test_latent_mask_marks_any_touched_cell():
     assert (full == 1).all()
 
 
-def test_tiled_apply_equals_the_untiled_function_for_a_pointwise_map():
+def test_tiled_scale_equals_the_untiled_function_for_a_pointwise_map():
     x = torch.randn(1, 3, 96, 160)
 
     def fn(t):  # a 2x nearest upsample with a per-pixel map: tiling must not show
         return torch.nn.functional.interpolate(torch.tanh(t), scale_factor=2, mode="nearest")
 
-    tiled = it.tiled_apply(fn, x, (32, 64), 8, 2.0, 3)
+    tiled = it.tiled_scale(fn, x, (32, 64), 8, 2.0)
     assert torch.allclose(tiled, fn(x), atol=1e-6)
-    assert it.tiles(96, 32, 8) == [0, 24, 48, 64]
+    assert it.tile_starts(96, 32, 8) == [0, 24, 48, 72]
+    down = it.tiled_scale(lambda t: t[:, :, ::4, ::4] * 2, x, (32, 64), 16, 0.25)  # the encoder's direction
+    assert torch.allclose(down, x[:, :, ::4, ::4] * 2, atol=1e-6)
 
 
 def test_masked_grey():

@@ -18,7 +18,8 @@ from export.realesrgan import (TAG_FP16, NcnnModelError, convert, converted_weig
                                shipped_files)
 from pipeline.interfaces import UPSCALER, ModelDims, leaf_specs
 from pipeline.torch_leaves import RRDBNet, load_leaf
-from pipeline.upscale import feather, tile_starts, upscale_image, upscale_tensor
+from pipeline.image_tasks import feather, tile_starts
+from pipeline.upscale import upscale_image, upscale_tensor
 
 from .conftest import FIXTURE_IMAGES
 

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     from export.__main__ import build_default
     from export.realesrgan import upscaler_module
     from pipeline.models import OnnxRuntimeModels
-    from pipeline.upscale import tile_starts, upscale_image
+    from pipeline.image_tasks import tile_starts
+    from pipeline.upscale import upscale_image
     from tests.conftest import FIXTURE_IMAGES
 
     torch.set_num_threads(os.cpu_count() or 1)
