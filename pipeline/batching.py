@@ -152,3 +152,14 @@ class BatchLimitedRunner:
             out = {k: v.reshape(-1) if k in column and v.dim() == 2 and v.shape[1] == 1 else v
                    for k, v in out.items()}
         return out
+
+
+def leaf_responses(pb_utils, items: Sequence, run: Callable, output_names: Sequence[str],
+                   tensor: Callable) -> list:
+    """A python leaf's `execute` result: `run_grouped(items, run)`, each output dict turned into an
+    InferenceResponse of `tensor(name, value)` outputs in `output_names` order, each failure into an
+    error response (`error_message`). `pb_utils` is the backend's module (Triton's, or a stand-in)."""
+    return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error_message(out)))
+            if isinstance(out, BaseException) else
+            pb_utils.InferenceResponse([tensor(n, out[n]) for n in output_names])
+            for out in run_grouped(items, run)]

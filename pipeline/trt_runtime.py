@@ -76,20 +76,26 @@ def load_tensorrt():
 # --- the weights a refit loads (pure) -------------------------------------------------------------
 
 
-def refit_weights(leaf: str, patches: tuple, onnx_path: str | Path) -> dict[str, np.ndarray]:
-    """{initializer name of `onnx_path`: merged float32 value in the initializer's shape} for the
-    parameters `patches` change in `leaf` (empty when they change nothing there): exactly what
-    `pipeline.models.PatchedSessions` binds to ONNX Runtime for the same patch set."""
-    from .lora import leaf_updates
+def _onnx_weights(source):
     from .models import OnnxWeights
 
-    weights = OnnxWeights(onnx_path)
+    return source if isinstance(source, OnnxWeights) else OnnxWeights(source)
+
+
+def refit_weights(leaf: str, patches: tuple, onnx_path) -> dict[str, np.ndarray]:
+    """{initializer name of `onnx_path`: merged float32 value in the initializer's shape} for the
+    parameters `patches` change in `leaf` (empty when they change nothing there): exactly what
+    `pipeline.models.PatchedSessions` binds to ONNX Runtime for the same patch set. `onnx_path` may
+    be an already loaded `OnnxWeights`."""
+    from .lora import leaf_updates
+
+    weights = _onnx_weights(onnx_path)
     updates, _ = leaf_updates(leaf, patches, weights)
     out = {}
     for name, value in updates.items():
         shape = weights.shape(name)
         if shape is None:
-            raise RefitError(f"{name!r} is no initializer of {onnx_path}")
+            raise RefitError(f"{name!r} is no initializer of {weights.path}")
         array = np.ascontiguousarray(value.detach().cpu().numpy(), dtype=np.float32)
         if tuple(array.shape) != tuple(shape):
             raise RefitError(f"{name!r}: merged value of shape {array.shape}, initializer {tuple(shape)}")
@@ -97,12 +103,10 @@ def refit_weights(leaf: str, patches: tuple, onnx_path: str | Path) -> dict[str,
     return out
 
 
-def onnx_base_values(onnx_path: str | Path) -> Callable[[str], np.ndarray]:
+def onnx_base_values(onnx_path) -> Callable[[str], np.ndarray]:
     """name -> the exported (unpatched) value of an initializer (KeyError for other names): what a
-    refit supplies for the weights TensorRT fused with a changed one."""
-    from .models import OnnxWeights
-
-    weights = OnnxWeights(onnx_path)
+    refit supplies for the weights TensorRT fused with a changed one (`onnx_path`: or an `OnnxWeights`)."""
+    weights = _onnx_weights(onnx_path)
 
     def value(name: str) -> np.ndarray:
         if weights.shape(name) is None:
@@ -296,13 +300,16 @@ class RefittedEngines:
         return engine
 
     def _build(self, patches) -> TrtEngine:
-        updates = refit_weights(self.leaf, patches, self.onnx_path)
+        from .models import OnnxWeights
+
+        weights = OnnxWeights(self.onnx_path)  # the model's initializer index, read once per miss
+        updates = refit_weights(self.leaf, patches, weights)
         if not updates:
             return self.base
         engine = TrtEngine(self.trt, self.runtime, self.plan_path.read_bytes(), self.device, self.scratch)
         with self.scratch.lock:  # the refit is serialized with this instance's engine calls
             loaded = load_refit_weights(self.trt.Refitter(engine.engine, self.logger), updates,
-                                        onnx_base_values(self.onnx_path), self.trt.Weights, self.trt.nptype)
+                                        onnx_base_values(weights), self.trt.Weights, self.trt.nptype)
         log.info("%s: refitted a copy of %s with %d patched weight(s) (%d loaded)", self.leaf, self.plan_path.name,
                  len(updates), len(loaded))
         return engine

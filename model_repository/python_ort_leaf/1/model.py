@@ -15,7 +15,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from pipeline.batching import PatchSetError, error_message, run_grouped
+from pipeline.batching import PatchSetError, leaf_responses
 from pipeline.interfaces import PATCHES_PARAMETER
 from pipeline.lora import from_json
 from pipeline.models import PatchedSessions
@@ -40,10 +40,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         items = [self._item(request) for request in requests]  # (session, inputs) or the request's error
-        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error_message(out)))
-                if isinstance(out, BaseException) else
-                pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n]) for n in self.output_names])
-                for out in run_grouped(items, self._run)]
+        return leaf_responses(pb_utils, items, self._run, self.output_names, pb_utils.Tensor)
 
     def _item(self, request):
         try:

@@ -16,7 +16,7 @@ import json
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipeline.batching import PatchSetError, error_message, run_grouped
+from pipeline.batching import PatchSetError, leaf_responses
 from pipeline.interfaces import PATCHES_PARAMETER
 from pipeline.lora import TorchPatcher, for_leaf, from_json
 from pipeline.torch_leaves import load_leaf
@@ -59,11 +59,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         items = [self._item(request) for request in requests]  # (patch set, inputs) or the request's error
-        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error_message(out)))
-                if isinstance(out, BaseException) else
-                pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(n, out[n].contiguous())
-                                            for n in self.output_names])
-                for out in run_grouped(items, self._run)]
+        return leaf_responses(pb_utils, items, self._run, self.output_names, _dlpack_tensor)
 
     def _item(self, request):
         try:
@@ -83,3 +79,6 @@ class TritonPythonModel:
         out = out if isinstance(out, tuple) else (out,)
         return {n: t.float() for n, t in zip(self.output_names, out)}
 
+
+def _dlpack_tensor(name, value):
+    return pb_utils.Tensor.from_dlpack(name, value.contiguous())

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipeline.batching import PatchSetError, error_message, run_grouped
+from pipeline.batching import PatchSetError, leaf_responses
 from pipeline.interfaces import PATCHES_PARAMETER
 from pipeline.lora import from_json
 from pipeline.trt_runtime import RefittedEngines
@@ -45,11 +45,7 @@ class TritonPythonModel:
         # Triton's dynamic batcher may hand one `execute` several jobs' requests: those on the same
         # engine (patch set) with the same non-batch shapes run as one call (pipeline.batching).
         items = [self._item(request) for request in requests]  # (engine, inputs) or the request's error
-        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error_message(out)))
-                if isinstance(out, BaseException) else
-                pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(n, out[n].contiguous())
-                                            for n in self.output_names])
-                for out in run_grouped(items, self._run)]
+        return leaf_responses(pb_utils, items, self._run, self.output_names, _dlpack_tensor)
 
     def _item(self, request):
         try:
@@ -64,3 +60,6 @@ class TritonPythonModel:
     def _run(self, engine, inputs):
         return engine(inputs)  # e.g. a shape outside the plan's profile fails this group only
 
+
+def _dlpack_tensor(name, value):
+    return pb_utils.Tensor.from_dlpack(name, value.contiguous())
